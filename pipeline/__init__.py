@@ -1,0 +1,1 @@
+"""Abliterator Space pipeline: measure, edit, tune, evaluate, card and push models."""
