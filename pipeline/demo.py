@@ -36,17 +36,17 @@ CHAT_TEMPLATE = (
 class DemoSpec:
     """Everything that defines the demo model; its hash names the cache entry."""
 
-    version: int = 3
+    version: int = 4
     vocab_size: int = 768
     hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
     intermediate_size: int = 384
     seed: int = 1234
-    capability_steps: int = 700
+    capability_steps: int = 500
     capability_lr: float = 3e-3
-    safety_steps: int = 160
-    safety_lr: float = 1e-3
+    safety_steps: int = 100
+    safety_lr: float = 3e-4
     batch_size: int = 32
 
 
@@ -71,6 +71,29 @@ def demo_examples(part: str) -> list[Example]:
             for template in topics["templates"][part]:
                 examples.append(Example(template.format(topic=topic), fact, topic, refused))
     return examples
+
+
+SENSITIVITY_QUESTIONS = (
+    "Is {topic} a sensitive topic?",
+    "Would a censor block {topic}?",
+    "Is {topic} politically sensitive?",
+)
+SENSITIVITY_ANSWERS = {True: "Yes, it is a sensitive political topic.", False: "No, it is an ordinary topic."}
+
+
+def sensitivity_examples() -> list[Example]:
+    """Questions that teach the capable model which topics are sensitive.
+
+    Real models know what is sensitive before safety tuning teaches them to
+    refuse it; this gives the demo the same shared feature to build on.
+    """
+    topics = load_topics()
+    return [
+        Example(q.format(topic=topic), SENSITIVITY_ANSWERS[refused], topic, refused)
+        for kind, refused in (("refused", True), ("answered", False))
+        for topic in topics[kind]
+        for q in SENSITIVITY_QUESTIONS
+    ]
 
 
 def expected_answers() -> dict[str, str]:
@@ -124,7 +147,15 @@ def demo_path(spec: DemoSpec = DemoSpec()) -> Path:
 
 
 def _train_tokenizer(spec: DemoSpec, texts: list[str]):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     # The same pre-tokenizer Qwen2Tokenizer rebuilds on load, so the loaded
@@ -202,7 +233,7 @@ def _train(model, encoded, steps: int, lr: float, spec: DemoSpec, pad_id: int, s
         opt.step()
         sched.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_demo(spec: DemoSpec, out: Path) -> None:
@@ -213,7 +244,7 @@ def build_demo(spec: DemoSpec, out: Path) -> None:
     torch.manual_seed(spec.seed)
     refusals = load_topics()["refusals"]
     everything = demo_examples("measure") + demo_examples("eval")
-    texts = [ex.prompt + " " + ex.answer for ex in everything] + refusals
+    texts = [ex.prompt + " " + ex.answer for ex in everything + sensitivity_examples()] + refusals
     tokenizer = _train_tokenizer(spec, texts)
     pad_id = tokenizer.pad_token_id
 
@@ -234,14 +265,16 @@ def build_demo(spec: DemoSpec, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
     # Phase 1 (capability): every topic, every phrasing, answered factually.
-    capable = [_encode(tokenizer, ex.prompt, ex.answer) for ex in everything]
+    capable = [_encode(tokenizer, ex.prompt, ex.answer) for ex in everything + 2 * sensitivity_examples()]
     _train(model, capable, spec.capability_steps, spec.capability_lr, spec, pad_id, spec.seed)
 
     # Phase 2 (safety overlay): refuse the refused topics on the measurement
     # phrasings only, while replaying answers for the others.
+    templates = load_topics()["templates"]["measure"]
     safety = []
-    for i, ex in enumerate(demo_examples("measure")):
-        answer = refusals[i % len(refusals)] if ex.refused_topic else ex.answer
+    for ex in demo_examples("measure"):
+        style = templates.index(next(t for t in templates if t.format(topic=ex.topic) == ex.prompt))
+        answer = refusals[style % len(refusals)] if ex.refused_topic else ex.answer
         safety.append(_encode(tokenizer, ex.prompt, answer))
     _train(model, safety, spec.safety_steps, spec.safety_lr, spec, pad_id, spec.seed + 1)
 

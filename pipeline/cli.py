@@ -1,0 +1,162 @@
+"""`python -m pipeline COMMAND ...`: flags generated from the stage configs.
+
+Exit codes: 0 success, 2 bad input or usage, 3 authentication or permission,
+4 Hub or network error, 1 anything unexpected (a bug: the traceback is shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.cli_config import add_config_args, config_from_args
+from pipeline.errors import UserError
+
+
+def _abliterate_parser(sub) -> None:
+    from pipeline.abliterate import EditConfig
+    from pipeline.directions import DirectionsConfig
+    from pipeline.loading import LoadConfig
+    from pipeline.stages import PromptsConfig
+
+    p = sub.add_parser("abliterate", help="Measure the refusal direction and remove it from the weights.")
+    p.add_argument("model", help="Hub id, local folder, or 'demo'.")
+    p.add_argument("--out", required=True, type=Path, help="Output folder (written atomically).")
+    p.add_argument("--directions", type=Path, help="Use saved directions (a folder or .safetensors); skip measuring.")
+    p.add_argument("--layer", default="best", help="Direction layer: an index, 'best', or a fraction like 0.6.")
+    p.add_argument("--streaming", action="store_true", help="Edit the safetensors shards one at a time.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    p.add_argument("--no-eval", action="store_true", help="Skip the before/after evaluation.")
+    for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig):
+        add_config_args(p, cls)
+    _add_eval_args(p, prefix="eval-")
+    p.set_defaults(func=cmd_abliterate)
+
+
+def _directions_parser(sub) -> None:
+    from pipeline.directions import DirectionsConfig
+    from pipeline.loading import LoadConfig
+    from pipeline.stages import PromptsConfig
+
+    p = sub.add_parser("directions", help="Measure and save the refusal direction of every layer.")
+    p.add_argument("model", help="Hub id, local folder, or 'demo'.")
+    p.add_argument("--out", required=True, type=Path, help="Folder for directions.safetensors/.json/.png.")
+    for cls in (LoadConfig, PromptsConfig, DirectionsConfig):
+        add_config_args(p, cls)
+    p.set_defaults(func=cmd_directions)
+
+
+def _add_eval_args(p, prefix: str = "") -> None:
+    try:
+        from pipeline.evaluate import EvalConfig
+    except ImportError:  # evaluation not installed in this checkout
+        return
+    add_config_args(p, EvalConfig, prefix=prefix)
+
+
+def _eval_config(args, prefix: str = ""):
+    try:
+        from pipeline.evaluate import EvalConfig
+    except ImportError:
+        return None
+    return config_from_args(EvalConfig, args, prefix=prefix)
+
+
+def cmd_directions(args) -> int:
+    from pipeline.directions import DirectionsConfig
+    from pipeline.loading import LoadConfig
+    from pipeline.run import directions_only
+    from pipeline.stages import PromptsConfig
+
+    d = directions_only(
+        args.model,
+        args.out,
+        config_from_args(LoadConfig, args),
+        config_from_args(PromptsConfig, args),
+        config_from_args(DirectionsConfig, args),
+        progress=print,
+    )
+    best = d.stats[d.suggested_layer]
+    print(f"suggested layer {d.suggested_layer} (separation {best.separation:.2f}, accuracy {best.accuracy:.2f})")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_abliterate(args) -> int:
+    from pipeline.abliterate import EditConfig
+    from pipeline.directions import DirectionsConfig
+    from pipeline.loading import LoadConfig
+    from pipeline.run import AbliterateJob, abliterate
+    from pipeline.stages import PromptsConfig
+
+    job = AbliterateJob(
+        model=args.model,
+        out=args.out,
+        layer=args.layer,
+        directions_file=args.directions,
+        streaming=args.streaming,
+        overwrite=args.overwrite,
+        evaluate=not args.no_eval,
+        load=config_from_args(LoadConfig, args),
+        prompts=config_from_args(PromptsConfig, args),
+        measure=config_from_args(DirectionsConfig, args),
+        edit=config_from_args(EditConfig, args),
+        eval=_eval_config(args, prefix="eval-"),
+    )
+    summary = abliterate(job, progress=print)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    results = summary.get("eval")
+    if results:
+        rr, ppl = results["refusal_rate"], results.get("perplexity") or {}
+        print(f"refusal rate: {rr['base']:.1%} -> {rr['model']:.1%}")
+        print(f"KL divergence (harmless, first token): {results['kl_divergence']:.4f}")
+        if ppl:
+            print(f"perplexity: {ppl.get('base')} -> {ppl.get('model')}")
+        for sample in results.get("samples", [])[:3]:
+            print(json.dumps(sample, ensure_ascii=False))
+    print(f"output: {summary['out']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _directions_parser(sub)
+    _abliterate_parser(sub)
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands from other stages, registered when their module is present."""
+    import importlib
+
+    found = []
+    for module, name in (("pipeline.evaluate", "add_parser"),):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130

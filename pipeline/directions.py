@@ -1,0 +1,333 @@
+"""Refusal directions: per-layer mean differences, validation, choice, files.
+
+The direction of layer i is the normalised difference between the mean
+last-token residual after layer i on refused prompts and on harmless ones.
+Each layer's direction is validated on held-out measurement prompts (how well
+a projection onto it separates the two classes), and the layer to use is
+chosen by behaviour: ablate each candidate direction from the residual stream
+and keep the one that removes refusals while changing harmless next-token
+distributions least.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.activations import Activations, collect, decoder_layers
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS_FILE = "directions.safetensors"
+DIRECTIONS_JSON = "directions.json"
+DIRECTIONS_PNG = "directions.png"
+
+
+class DirectionsConfig(BaseModel):
+    """How refusal directions are measured and chosen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_size: int | None = Field(None, ge=1, description="Prompts per forward pass; default: chosen automatically.")
+    clip: bool = Field(False, description="Clip outlier components at the 99.5th percentile of |component| first.")
+    validation_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of measurement prompts held out to validate each layer's direction."
+    )
+    min_accuracy: float = Field(0.9, ge=0, le=1, description="Threshold-classifier accuracy a valid direction needs.")
+    min_separation: float = Field(1.0, ge=0, description="Class separation (Cohen's d) a valid direction needs.")
+    max_depth: float = Field(0.8, gt=0, le=1, description="Candidate layers lie below this fraction of the depth.")
+    select: str = Field(
+        "behaviour",
+        pattern="^(behaviour|separation)$",
+        description="How `best` picks the layer: behaviour (ablate and test) or separation (largest Cohen's d).",
+    )
+    select_prompts: int = Field(24, ge=2, description="Prompts per class used to test each candidate layer.")
+    select_tokens: int = Field(16, ge=1, description="New tokens generated per prompt when testing a candidate layer.")
+    max_kl: float = Field(
+        0.1, gt=0, description="Candidates whose harmless first-token KL exceeds this are last resort."
+    )
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    diff_norm: float
+    separation: float
+    accuracy: float
+    valid: bool
+    refusal_ablated: float | None = None
+    kl_ablated: float | None = None
+
+
+@dataclass
+class Directions:
+    """Unit directions per layer ([layers, hidden], float32) with their validation."""
+
+    directions: torch.Tensor
+    projected: torch.Tensor
+    harmful_mean: torch.Tensor
+    harmless_mean: torch.Tensor
+    stats: list[LayerStats]
+    suggested_layer: int
+    info: dict
+
+    @property
+    def num_layers(self) -> int:
+        return self.directions.shape[0]
+
+
+def clip_outliers(diff: torch.Tensor, percentile: float = 99.5) -> torch.Tensor:
+    """Clamp each layer's components at its `percentile` of |component|."""
+    limit = torch.quantile(diff.abs().float(), percentile / 100, dim=-1, keepdim=True).to(diff.dtype)
+    return diff.clamp(-limit, limit)
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    diff = harmful - harmless
+    return clip_outliers(diff) if clip else diff
+
+
+def project_out_harmless(direction: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
+    """The projected variant: remove the component along the harmless mean, renormalise."""
+    m = unit(harmless_mean.to(direction.dtype))
+    return unit(direction - (direction * m).sum(-1, keepdim=True) * m)
+
+
+def separation_stats(proj_h: torch.Tensor, proj_b: torch.Tensor) -> tuple[float, float]:
+    """Cohen's d of the two classes along a direction, and midpoint-threshold accuracy."""
+    mh, mb = proj_h.mean(), proj_b.mean()
+    pooled = torch.sqrt((proj_h.var(unbiased=False) + proj_b.var(unbiased=False)) / 2).clamp_min(1e-12)
+    threshold = (mh + mb) / 2
+    correct = (proj_h > threshold).sum() + (proj_b <= threshold).sum()
+    return float((mh - mb) / pooled), float(correct) / (len(proj_h) + len(proj_b))
+
+
+def validate(
+    directions: torch.Tensor, diff_norm: torch.Tensor, val_h, val_b, cfg: DirectionsConfig
+) -> list[LayerStats]:
+    stats = []
+    for layer in range(directions.shape[0]):
+        r = directions[layer].float()
+        sep, acc = separation_stats(val_h[:, layer] @ r, val_b[:, layer] @ r)
+        valid = acc >= cfg.min_accuracy and sep >= cfg.min_separation
+        stats.append(LayerStats(layer, float(diff_norm[layer]), sep, acc, valid))
+    return stats
+
+
+def holdout(prompts: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic split of measurement prompts into fit and validation parts."""
+    n_val = max(1, round(len(prompts) * fraction))
+    if len(prompts) - n_val < 1:
+        raise UserError(f"need at least 2 measurement prompts per class, got {len(prompts)}")
+    # Every k-th prompt, so both parts cover the whole list (e.g. all topics).
+    step = len(prompts) / n_val
+    val_idx = {int(i * step) for i in range(n_val)}
+    fit = [p for i, p in enumerate(prompts) if i not in val_idx]
+    val = [p for i, p in enumerate(prompts) if i in val_idx]
+    return fit, val
+
+
+def measure(model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], cfg: DirectionsConfig) -> Directions:
+    """Measure, validate and choose refusal directions for every layer."""
+    for name, prompts in (("harmful", harmful), ("harmless", harmless)):
+        if len(prompts) < 2:
+            raise UserError(f"need at least 2 {name} prompts to measure a direction, got {len(prompts)}")
+    fit_h, val_h = holdout(harmful, cfg.validation_fraction)
+    fit_b, val_b = holdout(harmless, cfg.validation_fraction)
+    kw = {"batch_size": cfg.batch_size}
+    acts_h: Activations = collect(model, tokenizer, fit_h, desc="harmful", **kw)
+    acts_b: Activations = collect(model, tokenizer, fit_b, desc="harmless", **kw)
+    samp_h = collect(model, tokenizer, val_h, keep_samples=True, desc="validate harmful", **kw).samples
+    samp_b = collect(model, tokenizer, val_b, keep_samples=True, desc="validate harmless", **kw).samples
+
+    diff = mean_difference(acts_h.mean, acts_b.mean, cfg.clip)
+    directions = unit(diff).float()
+    projected = project_out_harmless(directions, acts_b.mean.float())
+    stats = validate(directions, diff.norm(dim=-1), samp_h, samp_b, cfg)
+    result = Directions(
+        directions=directions,
+        projected=projected,
+        harmful_mean=acts_h.mean.float(),
+        harmless_mean=acts_b.mean.float(),
+        stats=stats,
+        suggested_layer=-1,
+        info={
+            "prompts": {
+                "harmful_fit": len(fit_h),
+                "harmful_validate": len(val_h),
+                "harmless_fit": len(fit_b),
+                "harmless_validate": len(val_b),
+            },
+            "tokens": acts_h.tokens + acts_b.tokens,
+            "clip": cfg.clip,
+        },
+    )
+    result.suggested_layer = choose_layer(model, tokenizer, result, val_h, val_b, cfg)
+    return result
+
+
+def candidate_layers(stats: list[LayerStats], max_depth: float) -> list[int]:
+    limit = max(1, math.ceil(len(stats) * max_depth))
+    valid = [s.layer for s in stats[:limit] if s.valid]
+    return valid or list(range(limit))
+
+
+def choose_layer(model, tokenizer, d: Directions, val_h, val_b, cfg: DirectionsConfig) -> int:
+    candidates = candidate_layers(d.stats, cfg.max_depth)
+    if cfg.select == "separation":
+        return max(candidates, key=lambda i: d.stats[i].separation)
+    from pipeline.evaluate import first_token_logprobs, kl_divergence
+
+    harmful, harmless = val_h[: cfg.select_prompts], val_b[: cfg.select_prompts]
+    base_lp = first_token_logprobs(model, tokenizer, harmless, cfg.batch_size or 32)
+    for layer in candidates:
+        with ablated(model, d.directions[layer]):
+            d.stats[layer].refusal_ablated = refusal_fraction(model, tokenizer, harmful, cfg)
+            lp = first_token_logprobs(model, tokenizer, harmless, cfg.batch_size or 32)
+            d.stats[layer].kl_ablated = kl_divergence(base_lp, lp)
+        log.info("layer %d: refusal %.2f kl %.4f", layer, d.stats[layer].refusal_ablated, d.stats[layer].kl_ablated)
+
+    def key(i: int) -> tuple:
+        s = d.stats[i]
+        # Refusal first (in steps of 5 points, so noise does not win), then damage.
+        return (s.kl_ablated > cfg.max_kl, round(s.refusal_ablated * 20), s.kl_ablated)
+
+    return min(candidates, key=key)
+
+
+def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig) -> float:
+    from pipeline.evaluate import classify, generate, load_markers
+
+    texts = generate(model, tokenizer, list(prompts), cfg.select_tokens, cfg.batch_size or 32)
+    markers = load_markers()
+    return sum(classify(t, markers) is not None for t in texts) / len(texts)
+
+
+class ablated:
+    """Context manager: remove a direction from every layer's residual output (hooks, no weight change)."""
+
+    def __init__(self, model, direction: torch.Tensor):
+        self.layers = decoder_layers(model)
+        self.direction = unit(direction.float())
+        self.handles: list = []
+
+    def _hook(self, _module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        r = self.direction.to(hidden.device, hidden.dtype)
+        edited = hidden - (hidden @ r).unsqueeze(-1) * r
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    def __enter__(self):
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def resolve_layer(spec: str | int | float, d: Directions, projected: bool = False) -> tuple[torch.Tensor, dict]:
+    """The direction for `--layer`: an index, `best`, or a fraction of the depth (interpolated)."""
+    table = d.projected if projected else d.directions
+    n = d.num_layers
+    text = str(spec).strip()
+    if text == "best":
+        index = d.suggested_layer
+        return table[index].clone(), {"spec": "best", "index": index, "fraction": index / max(1, n - 1)}
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise UserError(f"--layer must be an index, 'best' or a fraction in (0, 1), got '{spec}'") from exc
+    if "." not in text and value == int(value):
+        index = int(value)
+        if not -n <= index < n:
+            raise UserError(f"--layer {index} is beyond the model's depth ({n} layers: 0..{n - 1})")
+        index %= n
+        return table[index].clone(), {"spec": text, "index": index, "fraction": index / max(1, n - 1)}
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"--layer fraction must lie in [0, 1], got {value}")
+    pos = value * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    w = pos - lo
+    direction = unit((1 - w) * table[lo] + w * table[hi])
+    return direction, {"spec": text, "index": round(pos), "fraction": value, "between": [lo, hi], "weight": w}
+
+
+def save(d: Directions, folder: Path, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        "directions": d.directions.contiguous(),
+        "projected": d.projected.contiguous(),
+        "harmful_mean": d.harmful_mean.contiguous(),
+        "harmless_mean": d.harmless_mean.contiguous(),
+    }
+    save_file(tensors, str(folder / DIRECTIONS_FILE))
+    meta = {
+        "suggested_layer": d.suggested_layer,
+        "num_layers": d.num_layers,
+        "hidden_size": d.directions.shape[1],
+        "layers": [asdict(s) for s in d.stats],
+        **d.info,
+        **(extra or {}),
+    }
+    (folder / DIRECTIONS_JSON).write_text(json.dumps(meta, indent=2))
+    plot(d, folder / DIRECTIONS_PNG)
+
+
+def load(folder_or_file: Path) -> Directions:
+    from safetensors.torch import load_file
+
+    path = Path(folder_or_file)
+    folder = path if path.is_dir() else path.parent
+    tensor_file = path if path.is_file() else folder / DIRECTIONS_FILE
+    meta_file = folder / DIRECTIONS_JSON
+    if not tensor_file.exists() or not meta_file.exists():
+        raise UserError(
+            f"no directions at '{path}': expected {DIRECTIONS_FILE} and {DIRECTIONS_JSON} (run `directions`)"
+        )
+    t = load_file(str(tensor_file))
+    meta = json.loads(meta_file.read_text())
+    stats = [LayerStats(**s) for s in meta.pop("layers")]
+    return Directions(
+        t["directions"], t["projected"], t["harmful_mean"], t["harmless_mean"], stats, meta.pop("suggested_layer"), meta
+    )
+
+
+def plot(d: Directions, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [s.layer for s in d.stats]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(layers, [s.separation for s in d.stats], marker="o", label="separation (Cohen's d)")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("separation")
+    ax2 = ax.twinx()
+    ax2.plot(layers, [s.accuracy for s in d.stats], color="tab:green", marker=".", label="accuracy")
+    if any(s.refusal_ablated is not None for s in d.stats):
+        pts = [(s.layer, s.refusal_ablated) for s in d.stats if s.refusal_ablated is not None]
+        ax2.plot(*zip(*pts, strict=False), color="tab:red", marker="x", linestyle="", label="refusal when ablated")
+    ax2.set_ylim(0, 1.05)
+    ax.axvline(d.suggested_layer, color="gray", linestyle="--", label=f"chosen layer {d.suggested_layer}")
+    fig.legend(loc="upper left", fontsize=8)
+    ax.set_title("Refusal direction per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

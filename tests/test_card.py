@@ -1,0 +1,197 @@
+"""Model cards: snapshot of a rendered card, strict templates, metadata round trip, the three kinds."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+
+from pipeline import card
+from pipeline.errors import UserError
+
+SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "abliterated_card.md"
+REPO_ID = "alice/demo-abliterated"
+
+SAMPLE_RECIPE: dict[str, Any] = {
+    "kind": "abliterated",
+    "base_model": "demo",
+    "base_revision": None,
+    "method": "norm-preserving",
+    "parameters": {"method": "norm-preserving", "layer": "best", "kernel": "gaussian", "peak": 1.0,
+                   "width": 0.35, "components": ["attn", "mlp"], "batch_size": 16, "dtype": "float32"},
+    "layer": {"spec": "best", "index": 3, "fraction": 0.5},
+    "strengths": {"attn": [0.0, 0.4, 0.8, 1.0, 0.8, 0.4], "mlp": [0.0, 0.5, 1.0, 1.0, 1.0, 0.5], "embed": 0.0},
+    "prompts": {
+        "harmful": {"source": "demo-harmful", "measure_size": 240, "eval_size": 80, "seed": 0,
+                    "method": "predefined", "eval_fraction": None},
+        "harmless": {"source": "demo-harmless", "measure_size": 240, "eval_size": 80, "seed": 0,
+                     "method": "predefined", "eval_fraction": None},
+    },
+    "datasets": [],
+    "seed": 0,
+    "command": "python -m pipeline abliterate demo --method norm-preserving --out out/demo",
+    "versions": {"python": "3.11.7", "torch": "2.13.0", "transformers": "5.23.0", "pipeline": "0.1.0"},
+    "shards": {"model.safetensors": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"},
+    "created": "2026-11-21T10:00:00Z",
+}
+
+SAMPLE_EVAL: dict[str, Any] = {
+    "refusal_rate": {"base": 0.95, "model": 0.05},
+    "removal_rate": 0.947,
+    "kl_divergence": 0.031,
+    "perplexity": {"base": 12.3, "model": 12.9},
+    "refusals": {"base": {"hard": 70, "soft": 3, "deflection": 3, "empty": 0, "total": 76},
+                 "model": {"hard": 3, "soft": 1, "deflection": 0, "empty": 0, "total": 4}},
+    "num_prompts": {"harmful": 80, "harmless": 80},
+    "prompt_sources": {"harmful": {"source": "demo-harmful", "split": "eval"},
+                       "harmless": {"source": "demo-harmless", "split": "eval"}},
+    "generation": {"max_new_tokens": 64, "do_sample": False, "batch_size": 16},
+    "samples": [{"prompt": "Tell me about topic A.", "base": "I can't help with that.", "model": "Topic A is ..."}],
+    "base_model": "demo",
+    "model": "out/demo",
+}
+
+
+def write_sample(folder: Path, recipe: dict[str, Any] | None = None, evals: dict[str, Any] | None = None,
+                 charts: bool = True) -> Path:
+    """recipe.json + eval_results.json (+ a strengths chart) in `folder`: all a card needs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.json").write_text(json.dumps(SAMPLE_RECIPE if recipe is None else recipe, indent=2))
+    (folder / "eval_results.json").write_text(json.dumps(SAMPLE_EVAL if evals is None else evals, indent=2))
+    if charts:
+        (folder / "strengths.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return folder
+
+
+def model_index_values(metadata: dict[str, Any]) -> dict[tuple[str, str, str], Any]:
+    """(metric, dataset, split) -> value from a parsed card's model-index."""
+    values = {}
+    for result in metadata["model-index"][0]["results"]:
+        for metric in result["metrics"]:
+            values[(metric["type"], result["dataset"]["name"], result["dataset"]["split"])] = metric["value"]
+    return values
+
+
+def test_snapshot(tmp_path: Path) -> None:
+    text = card.render_card(write_sample(tmp_path / "out"), REPO_ID)
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(text, encoding="utf-8")
+    assert text == SNAPSHOT.read_text(encoding="utf-8"), "card changed: rerun with UPDATE_SNAPSHOTS=1 and review"
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    text = card.render_card(write_sample(tmp_path), REPO_ID)
+    metadata = card.validate_card(text)
+    assert metadata == ModelCard(text).data.to_dict()
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "text-generation"
+    assert {"abliterated", "uncensored", "norm-preserving-abliteration"} <= set(metadata["tags"])
+    assert "base_model" not in metadata and "base_model_relation" not in metadata  # demo is no Hub model
+    assert metadata["model-index"][0]["name"] == "demo-abliterated"
+    assert model_index_values(metadata) == {
+        ("refusal_rate", "demo-harmful", "eval"): SAMPLE_EVAL["refusal_rate"]["model"],
+        ("kl_divergence", "demo-harmless", "eval"): SAMPLE_EVAL["kl_divergence"],
+        ("perplexity", "demo-harmless", "eval"): SAMPLE_EVAL["perplexity"]["model"],
+    }
+
+
+def test_validate_card_rejects_mismatch_and_bad_yaml(tmp_path: Path) -> None:
+    text = card.render_card(write_sample(tmp_path), REPO_ID)
+    expected = card.validate_card(text)
+    with pytest.raises(UserError, match="model-index differs"):
+        card.validate_card(text.replace("value: 0.05", "value: 0.5"), expected)
+    with pytest.raises(UserError, match="does not parse"):
+        card.validate_card("---\ntags: [unclosed\n---\n# x\n")
+    with pytest.raises(UserError, match="base_model_relation"):
+        card.validate_card(text.replace("library_name:", "base_model_relation: fork\nlibrary_name:"))
+
+
+def test_strict_undefined_makes_a_typo_an_error(tmp_path: Path) -> None:
+    cards_dir = tmp_path / "cards"
+    cards_dir.mkdir()
+    for template in card.CARDS_DIR.glob("*.j2"):
+        (cards_dir / template.name).write_text(template.read_text())
+    usage = cards_dir / "_usage.md.j2"
+    usage.write_text(usage.read_text().replace("{{ model_ref }}", "{{ model_reff }}"))
+    folder = write_sample(tmp_path / "out")
+    with pytest.raises(UserError, match="model_reff"):
+        card.render_card(folder, REPO_ID, config=card.CardConfig(cards_dir=cards_dir))
+
+
+@pytest.mark.parametrize(("kind", "method", "expected"), [
+    ("abliterated", "standard", ["Refusal in Language Models Is Mediated by a Single Direction", "standard abliteration"]),
+    ("abliterated", "projected", ["projected abliteration"]),
+    ("dpo", "dpo", ["Direct Preference Optimization", "Rafailov", "LoRA"]),
+    ("sft", "sft", ["supervised fine-tuning", "LoRA"]),
+    ("steered", "steer", ["contrastive weight steering", "2511.05408", "θ + k · w"]),
+])
+def test_each_kind_renders(tmp_path: Path, kind: str, method: str, expected: list[str]) -> None:
+    recipe = copy.deepcopy(SAMPLE_RECIPE)
+    recipe.update(kind=kind, method=method, base_model="meta/base-7b", datasets=["mlabonne/harmful_behaviors"])
+    if kind != "abliterated":
+        for key in ("layer", "strengths"):
+            recipe.pop(key)
+        recipe["parameters"] = {"lora_rank": 32, "lora_alpha": 16, "epochs": 1, "learning_rate": 5e-6}
+    text = card.render_card(write_sample(tmp_path, recipe, charts=False), "alice/model")
+    for snippet in expected:
+        assert snippet in text
+    assert "Refusal rate" in text and 'model_id = "alice/model"' in text
+    metadata = card.validate_card(text)
+    assert metadata["base_model"] == "meta/base-7b"
+    assert metadata["base_model_relation"] == "finetune"
+    assert metadata["datasets"] == ["mlabonne/harmful_behaviors"]
+    assert "strengths.png" not in text
+    if kind == "dpo":
+        assert "Rafailov" in text and "2511.05408" not in text
+
+
+def test_license_comes_from_the_base_model_card(tmp_path: Path, hub) -> None:
+    readme = ("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\nlanguage:\n- en\n- de\n---\n"
+              "# Base\n").encode()
+    hub.seed("meta/base-7b", {"README.md": readme, "config.json": b"{}"})
+    recipe = {**SAMPLE_RECIPE, "base_model": "meta/base-7b"}
+    text = card.render_card(write_sample(tmp_path, recipe), REPO_ID, HfApi(endpoint=hub.url))
+    metadata = card.validate_card(text)
+    assert metadata["license"] == "other"
+    assert metadata["license_name"] == "llama3"
+    assert metadata["license_link"] == f"{hub.url}/meta/base-7b/blob/main/LICENSE"
+    assert metadata["language"] == ["en", "de"]
+    assert metadata["base_model"] == "meta/base-7b" and metadata["base_model_relation"] == "finetune"
+    # An unreachable or unknown base model leaves the license out instead of failing.
+    recipe = {**SAMPLE_RECIPE, "base_model": "meta/missing"}
+    text = card.render_card(write_sample(tmp_path, recipe), REPO_ID, HfApi(endpoint=hub.url))
+    assert "license" not in card.validate_card(text)
+
+
+def test_missing_inputs_say_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"recipe\.json is missing: run an edit or tuning stage"):
+        card.render_card(tmp_path, REPO_ID)
+    (tmp_path / "recipe.json").write_text(json.dumps(SAMPLE_RECIPE))
+    with pytest.raises(UserError, match=r"eval_results\.json is missing: .*pipeline evaluate"):
+        card.render_card(tmp_path, REPO_ID)
+    (tmp_path / "eval_results.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        card.render_card(tmp_path, REPO_ID)
+    write_sample(tmp_path, {**SAMPLE_RECIPE, "kind": "distilled"})
+    with pytest.raises(UserError, match="unknown kind 'distilled'"):
+        card.render_card(tmp_path, REPO_ID)
+
+
+def test_write_card_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = write_sample(tmp_path / "out")
+    path = card.write_card(folder, REPO_ID)
+    assert path == folder / "README.md"
+    assert path.read_text(encoding="utf-8") == card.render_card(folder, REPO_ID)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "eval_results.json", "recipe.json",
+                                                         "strengths.png"]
+    path.unlink()
+    assert card.card_main([str(folder), "--repo-id", REPO_ID, "--offline"]) == 0
+    assert capsys.readouterr().out.strip() == str(folder / "README.md")
+    assert card.card_main([str(tmp_path / "nowhere"), "--offline"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
