@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.architectures import WriterMatch, find_writers
 from pipeline.kernels import PRESETS, ComponentKernel, layer_weights
@@ -74,7 +74,12 @@ class EditConfig(BaseModel):
             update = dict(given or {})
             if data.get("kernel") and "kind" not in update:
                 update["kind"] = data["kernel"]
-            data[comp] = ComponentKernel(**{**base.model_dump(), **update})
+            try:
+                data[comp] = ComponentKernel(**{**base.model_dump(), **update})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                flag = f"--{comp}-" + "-".join(str(p) for p in err["loc"]).replace("_", "-")
+                raise ValueError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from None
         return data
 
     def kernels(self) -> dict[str, ComponentKernel]:

@@ -32,7 +32,8 @@ CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
 TEMPLATES = {"abliterated": "abliterated.md.j2", "dpo": "tuned.md.j2", "sft": "tuned.md.j2", "steered": "steered.md.j2"}
 CHARTS = ("strengths.png", "directions.png")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
-TASK_NAMES = {"harmful": "Refusals on harmful prompts", "harmless": "Drift from the base model on harmless prompts"}
+TASK_NAMES = {"harmful": "Refusals on harmful prompts", "harmless": "Drift from the base model on harmless prompts",
+              "perplexity": "Language modelling on a reference text"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 METHOD_LABELS = {
     "standard": "standard (directional) abliteration",
@@ -82,11 +83,12 @@ def load_json(folder: Path, name: str, hint: str) -> dict[str, Any]:
 
 def load_recipe(folder: Path) -> dict[str, Any]:
     return load_json(folder, "recipe.json", "run an edit or tuning stage into this folder first "
-                     "(python -m pipeline abliterate|tune|steer MODEL --out DIR)")
+                     "(e.g. python -m pipeline abliterate MODEL --out DIR)")
 
 
 def load_eval_results(folder: Path) -> dict[str, Any]:
-    return load_json(folder, "eval_results.json", "evaluate the model first (python -m pipeline evaluate DIR)")
+    return load_json(folder, "eval_results.json", "evaluate the model first "
+                     "(python -m pipeline abliterate evaluates unless given --no-eval)")
 
 
 def _base_card(base: str, revision: str | None, api: HfApi | None, config: CardConfig) -> dict[str, Any]:
@@ -108,6 +110,11 @@ def _base_card(base: str, revision: str | None, api: HfApi | None, config: CardC
 
 
 def _prompt_source(evals: dict[str, Any], which: str) -> tuple[str, str]:
+    """(source, split) of "harmful", "harmless" or "perplexity" (a reference text, not prompts)."""
+    if which == "perplexity":
+        info = evals.get("perplexity_source") or {"source": "reference-text", "split": "full"}
+        info = info if isinstance(info, dict) else {"source": info, "split": "full"}
+        return str(info.get("source") or "reference-text"), str(info.get("split") or "full")
     info = (evals.get("prompt_sources") or {}).get(which) or {}
     return str(info.get("source") or f"{which} prompts"), str(info.get("split") or "eval")
 
@@ -126,7 +133,7 @@ def eval_results_of(evals: dict[str, Any]) -> list[Any]:
     rows: list[tuple[str, str, str, float | None]] = [
         ("harmful", "refusal_rate", "Refusal rate", _pair(evals, "refusal_rate")[1]),
         ("harmless", "kl_divergence", "KL divergence from the base model (first token)", evals.get("kl_divergence")),
-        ("harmless", "perplexity", "Perplexity", _pair(evals, "perplexity")[1]),
+        ("perplexity", "perplexity", "Perplexity", _pair(evals, "perplexity")[1]),
     ]
     results = []
     for which, metric, name, value in rows:
@@ -215,11 +222,13 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
 
     harmful_set = f"`{harmful}` ({harmful_split} split, {num.get('harmful', '?')} prompts)"
     harmless_set = f"`{harmless}` ({harmless_split} split, {num.get('harmless', '?')} prompts)"
+    ppl_source, _ = _prompt_source(evals, "perplexity")
+    ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{ppl_source}`"
     rows = [
         ("Refusal rate ↓", _pct(refusal_base) + total("base"), _pct(refusal_model) + total("model"), harmful_set),
         ("Refusals removed", "–", _pct(evals.get("removal_rate")), harmful_set),
         ("KL divergence from base ↓", "0", _num(evals.get("kl_divergence")), harmless_set),
-        ("Perplexity", _num(ppl_base), _num(ppl_model), harmless_set),
+        ("Perplexity", _num(ppl_base), _num(ppl_model), ppl_set),
     ]
     kinds = ("hard", "soft", "deflection", "empty", "total")
     breakdown = [(k, _fmt((counts.get("base") or {}).get(k)), _fmt((counts.get("model") or {}).get(k))) for k in kinds]

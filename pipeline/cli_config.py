@@ -78,6 +78,7 @@ def config_from_args(cls: type[BaseModel], ns: argparse.Namespace, prefix: str =
         return cls(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else cls.__name__
-        got = err.get("input")
-        raise UserError(f"{prefix and '--' + prefix}{where.removeprefix('--')}: {err['msg']} (got {got!r})") from exc
+        if not err["loc"]:  # a model validator's own message already names the flag
+            raise UserError(str(err["msg"]).removeprefix("Value error, ")) from exc
+        flag = "--" + (prefix + "-".join(str(p) for p in err["loc"])).replace("_", "-")
+        raise UserError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from exc

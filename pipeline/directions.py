@@ -293,6 +293,8 @@ def load(folder_or_file: Path) -> Directions:
     from safetensors.torch import load_file
 
     path = Path(folder_or_file)
+    if not path.exists():
+        raise UserError(f"directions '{path}' not found: give the folder or .safetensors written by `directions`")
     folder = path if path.is_dir() else path.parent
     tensor_file = path if path.is_file() else folder / DIRECTIONS_FILE
     meta_file = folder / DIRECTIONS_JSON

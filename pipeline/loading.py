@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import AuthError, HubError, UserError
+from pipeline.errors import HubError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ def hub_errors(model_id: str, exc: Exception) -> UserError | None:
     )
 
     if isinstance(exc, GatedRepoError):
-        return AuthError(f"model '{model_id}' is gated: accept its terms on the Hub and set HF_TOKEN")
+        return UserError(f"model '{model_id}' is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):
-        return HubError(f"model '{model_id}' not found: check the id or path (a private model needs HF_TOKEN)")
+        return UserError(f"model '{model_id}' not found: check the id or path (a private model needs HF_TOKEN)")
     if isinstance(exc, RevisionNotFoundError):
         return UserError(f"revision not found for model '{model_id}': check --revision")
     if isinstance(exc, LocalEntryNotFoundError):

@@ -91,7 +91,7 @@ def check_folder(folder: Path) -> list[UploadFile]:
     missing = [n for n in REQUIRED_FILES if n not in names]
     if missing:
         hints = {"config.json": "not a model folder", "recipe.json": "run an edit or tuning stage into it",
-                 "eval_results.json": "run `python -m pipeline evaluate DIR`"}
+                 "eval_results.json": "evaluate it: abliterate without --no-eval"}
         raise UserError(f"{folder} lacks {', '.join(missing)} ({'; '.join(hints[n] for n in missing)})")
     weights = [n for n in names if n.endswith(".safetensors") and "/" not in n and not n.startswith("directions")]
     if not weights:
@@ -229,8 +229,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
             step = f"creating branch {revision}"
             with_retries(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), step)
         step = f"uploading to {repo_id}"
-        total = sum(f.size for f in upload_files(folder))
-        print(f"uploading {len(upload_files(folder))} files ({_size(total)}) to {repo_id}"
+        files = upload_files(folder)
+        print(f"uploading {len(files)} files ({_size(sum(f.size for f in files))}) to {repo_id}"
               f"{f' ({revision})' if revision else ''}{' as a pull request' if create_pr else ''}", file=sys.stderr)
         info = with_retries(lambda: api.upload_folder(
             repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr or None,
@@ -309,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             print(dry_run(args.folder, args.repo_id, private=args.private, revision=args.revision,
                           create_pr=args.create_pr))
             return 0
-        check_folder(args.folder)
         from huggingface_hub import get_token
 
         token = get_token()

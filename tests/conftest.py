@@ -32,4 +32,4 @@ _HF_HOME = Path(__file__).resolve().parent / "_output" / "hf_home"
 _HF_HOME.mkdir(parents=True, exist_ok=True)
 os.environ["HF_HOME"] = str(_HF_HOME)
 
-pytest_plugins = ["tests.hub_fixtures"]
+pytest_plugins = ["tests.hub_fixtures", "tests.fixtures_demo"]

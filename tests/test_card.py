@@ -97,7 +97,7 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     assert model_index_values(metadata) == {
         ("refusal_rate", "demo-harmful", "eval"): SAMPLE_EVAL["refusal_rate"]["model"],
         ("kl_divergence", "demo-harmless", "eval"): SAMPLE_EVAL["kl_divergence"],
-        ("perplexity", "demo-harmless", "eval"): SAMPLE_EVAL["perplexity"]["model"],
+        ("perplexity", "reference-text", "full"): SAMPLE_EVAL["perplexity"]["model"],
     }
 
 
@@ -125,7 +125,8 @@ def test_strict_undefined_makes_a_typo_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kind", "method", "expected"), [
-    ("abliterated", "standard", ["Refusal in Language Models Is Mediated by a Single Direction", "standard abliteration"]),
+    ("abliterated", "standard", ["Refusal in Language Models Is Mediated by a Single Direction",
+                                 "standard abliteration"]),
     ("abliterated", "projected", ["projected abliteration"]),
     ("dpo", "dpo", ["Direct Preference Optimization", "Rafailov", "LoRA"]),
     ("sft", "sft", ["supervised fine-tuning", "LoRA"]),
@@ -151,9 +152,22 @@ def test_each_kind_renders(tmp_path: Path, kind: str, method: str, expected: lis
         assert "Rafailov" in text and "2511.05408" not in text
 
 
+def test_partial_measurements_and_per_layer_directions(tmp_path: Path) -> None:
+    """An evaluation without a base reference (None values) and per-layer directions still render."""
+    evals = {**SAMPLE_EVAL, "refusal_rate": {"base": None, "model": 0.1}, "removal_rate": None,
+             "kl_divergence": None, "perplexity": {"base": None, "model": None},
+             "refusals": {"base": None, "model": SAMPLE_EVAL["refusals"]["model"]},
+             "prompt_sources": {"harmful": None, "harmless": None}}
+    recipe = {**SAMPLE_RECIPE, "layer": {"spec": "per-layer"}, "prompts": None}
+    text = card.render_card(write_sample(tmp_path, recipe, evals), REPO_ID)
+    assert "one refusal direction per layer" in text
+    assert "| Refusal rate ↓ | – | 10.0% (4/80) |" in text
+    assert model_index_values(card.validate_card(text)) == {("refusal_rate", "harmful prompts", "eval"): 0.1}
+
+
 def test_license_comes_from_the_base_model_card(tmp_path: Path, hub) -> None:
-    readme = ("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\nlanguage:\n- en\n- de\n---\n"
-              "# Base\n").encode()
+    readme = (b"---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\nlanguage:\n- en\n- de\n---\n"
+              b"# Base\n")
     hub.seed("meta/base-7b", {"README.md": readme, "config.json": b"{}"})
     recipe = {**SAMPLE_RECIPE, "base_model": "meta/base-7b"}
     text = card.render_card(write_sample(tmp_path, recipe), REPO_ID, HfApi(endpoint=hub.url))
@@ -173,7 +187,7 @@ def test_missing_inputs_say_what_to_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"recipe\.json is missing: run an edit or tuning stage"):
         card.render_card(tmp_path, REPO_ID)
     (tmp_path / "recipe.json").write_text(json.dumps(SAMPLE_RECIPE))
-    with pytest.raises(UserError, match=r"eval_results\.json is missing: .*pipeline evaluate"):
+    with pytest.raises(UserError, match=r"eval_results\.json is missing: evaluate the model first"):
         card.render_card(tmp_path, REPO_ID)
     (tmp_path / "eval_results.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):

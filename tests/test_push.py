@@ -105,7 +105,7 @@ def test_push_uploads_everything(hub, folder: Path) -> None:
     assert model_index_values(metadata) == {
         ("refusal_rate", "demo-harmful", "eval"): SAMPLE_EVAL["refusal_rate"]["model"],
         ("kl_divergence", "demo-harmless", "eval"): SAMPLE_EVAL["kl_divergence"],
-        ("perplexity", "demo-harmless", "eval"): SAMPLE_EVAL["perplexity"]["model"],
+        ("perplexity", "reference-text", "full"): SAMPLE_EVAL["perplexity"]["model"],
     }
     assert f'model_id = "{REPO_ID}"' in card.text
     assert not hub.repo(REPO_ID).private

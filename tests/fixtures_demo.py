@@ -1,0 +1,37 @@
+"""Session fixtures around the demo model (built once, cached on disk)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    from pipeline.demo import demo_path
+
+    return demo_path()
+
+
+@pytest.fixture(scope="session")
+def demo_loaded(demo_dir):
+    from pipeline.loading import load_model
+
+    return load_model("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_prompts():
+    from pipeline.stages import PromptsConfig, resolve_prompts
+
+    return resolve_prompts("demo", PromptsConfig())
+
+
+@pytest.fixture(scope="session")
+def demo_dirs(tmp_path_factory, demo_loaded, demo_prompts):
+    """Directions of the demo model, measured once and saved."""
+    from pipeline import directions as dirs
+    from pipeline.stages import measure_directions
+
+    folder = tmp_path_factory.mktemp("demo_dirs")
+    dirs.save(measure_directions(demo_loaded, demo_prompts, dirs.DirectionsConfig()), folder)
+    return folder

@@ -1,0 +1,133 @@
+"""Edit maths on random tensors and on tiny saved models: in memory and streaming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming, edit_tensor, shard_files, strengths
+from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
+from pipeline.kernels import ComponentKernel
+from tests.tiny_models import save_tiny, tiny_model
+
+
+def _unit(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, generator=g)
+    return r / r.norm()
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 32), 0), ((100, 64), 1), ((4, 64, 16), 1), ((4, 16, 64), 2), ((64,), 0)])
+def test_full_strength_removes_the_direction_along_the_hidden_axis(shape, axis):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    r = _unit(64)
+    edited = edit_tensor(w, r, axis, 1.0)
+    along = torch.tensordot(edited, r, dims=([axis], [0]))
+    assert along.abs().max() < 1e-5
+    # Nothing orthogonal to r changed.
+    orth = edited - w
+    coeff = torch.tensordot(w, r, dims=([axis], [0]))
+    expected = -coeff.unsqueeze(-1) * r
+    assert torch.allclose(orth.movedim(axis, -1), expected, atol=1e-5)
+
+
+def test_partial_strength_scales_the_component():
+    w = torch.randn(64, 32)
+    r = _unit(64, 3)
+    edited = edit_tensor(w, r, 0, 0.25)
+    assert torch.allclose(r @ edited, 0.75 * (r @ w), atol=1e-5)
+
+
+def test_zero_strength_is_identity():
+    w = torch.randn(64, 32)
+    assert edit_tensor(w, _unit(64), 0, 0.0) is w
+
+
+def test_norm_preserving_keeps_each_write_vector_norm_and_removes_r():
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(2))
+    r = _unit(64, 5)
+    edited = edit_tensor(w, r, 0, 1.0, norm_preserving=True)
+    # Columns are the vectors written into the 64-dim residual stream.
+    assert torch.allclose(edited.norm(dim=0), w.norm(dim=0), rtol=1e-5)
+    assert (r @ edited).abs().max() < 1e-5
+    # Embedding layout [vocab, hidden]: rows keep their norm.
+    emb = torch.randn(100, 64)
+    e2 = edit_tensor(emb, r, 1, 0.6, norm_preserving=True)
+    assert torch.allclose(e2.norm(dim=1), emb.norm(dim=1), rtol=1e-5)
+    assert ((e2 @ r).abs() < (emb @ r).abs() + 1e-6).all()
+
+
+def test_edit_keeps_dtype_for_half_precision():
+    w = torch.randn(64, 32).to(torch.bfloat16)
+    out = edit_tensor(w, _unit(64), 0, 1.0)
+    assert out.dtype == torch.bfloat16 and out.shape == w.shape
+    assert (_unit(64) @ out.float()).abs().max() < 0.05
+
+
+def test_kernel_overrides_refine_the_preset():
+    cfg = EditConfig(preset="conservative", attn={"peak": 0.2}, kernel="tent")
+    assert cfg.attn.peak == 0.2 and cfg.attn.kind == "tent" and cfg.attn.max_weight == 1.0
+    assert cfg.mlp.kind == "tent"
+    plan = strengths(EditConfig(mlp=ComponentKernel(kind="off")), 6)
+    assert plan["mlp"] == [0.0] * 6 and all(w > 0.9 for w in plan["attn"])
+
+
+def _residual_after_layers(model, ids):
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for layer in model.get_decoder().layers]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return captured
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "gpt_oss"])
+def test_in_memory_edit_makes_every_layer_output_orthogonal(model_type):
+    model = tiny_model(model_type)
+    r = _unit(hidden_size_of(model.config), 7)
+    n = num_layers_of(model.config)
+    cfg = EditConfig(embed_strength=1.0, attn=ComponentKernel(width=5), mlp=ComponentKernel(width=5))
+    assert all(abs(s - 1.0) < 0.01 for s in strengths(cfg, n)["attn"])
+    exact = EditConfig(
+        embed_strength=1.0, attn=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
+        mlp=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
+    )
+    changed = apply_in_memory(model, r, exact, n, model_type_of(model.config))
+    assert changed >= 1 + 2 * n
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    for hidden in _residual_after_layers(model, ids):
+        assert (hidden @ r).abs().max() < 1e-3 * hidden.abs().max()
+
+
+def test_streaming_equals_in_memory_and_keeps_untouched_bytes(tmp_path):
+    src = save_tiny("llama", tmp_path / "src", max_shard_size="60KB")
+    assert len(shard_files(src)) >= 3
+    model = tiny_model("llama")
+    r = _unit(hidden_size_of(model.config), 11)
+    cfg = EditConfig(method="norm-preserving", preset="conservative", embed_strength=0.5)
+    n, mt = num_layers_of(model.config), model_type_of(model.config)
+    apply_streaming(src, tmp_path / "dst", r, cfg, n, mt)
+    apply_in_memory(model, r, cfg, n, mt)
+    state = model.state_dict()
+    index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+    assert index == json.loads((src / "model.safetensors.index.json").read_text())
+    writers = {m.name for m in find_writers(mt, index["weight_map"])}
+    edited = untouched = 0
+    for shard in shard_files(src):
+        with safe_open(str(shard), "pt") as a, safe_open(str(tmp_path / "dst" / shard.name), "pt") as b:
+            assert a.metadata() == b.metadata()
+            for name in a.keys():
+                before, after = a.get_tensor(name), b.get_tensor(name)
+                assert torch.allclose(after, state[name], atol=1e-6), name
+                if name in writers:
+                    edited += not torch.equal(before, after)
+                else:
+                    untouched += 1
+                    assert before.numpy().tobytes() == after.numpy().tobytes()
+    assert edited >= len(writers) - 1 and untouched > 0
+    for extra in ("config.json", "generation_config.json"):
+        assert (tmp_path / "dst" / extra).read_bytes() == (src / extra).read_bytes()

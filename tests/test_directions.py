@@ -1,0 +1,91 @@
+"""Direction maths, validation, layer resolution, files, and measurement on the demo model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import directions as dirs
+from pipeline.errors import UserError
+
+
+def _fake(num_layers: int = 5, hidden: int = 8) -> dirs.Directions:
+    g = torch.Generator().manual_seed(0)
+    d = dirs.unit(torch.randn(num_layers, hidden, generator=g))
+    stats = [dirs.LayerStats(i, 1.0, 2.0, 1.0, True) for i in range(num_layers)]
+    return dirs.Directions(d, d.clone(), torch.randn(num_layers, hidden), torch.randn(num_layers, hidden), stats, 2, {})
+
+
+def test_mean_difference_and_clipping():
+    harmful = torch.zeros(2, 1000, dtype=torch.float64)
+    harmless = torch.zeros(2, 1000, dtype=torch.float64)
+    harmful[:, 0] = 100.0  # one outlier component
+    harmful[:, 1:] = torch.linspace(0, 1, 999)
+    diff = dirs.mean_difference(harmful, harmless, clip=True)
+    assert diff[:, 0].max() < 2.0  # clipped at the 99.5th percentile
+    assert torch.equal(dirs.mean_difference(harmful, harmless)[:, 0], harmful[:, 0])
+
+
+def test_projected_direction_is_orthogonal_to_the_harmless_mean():
+    g = torch.Generator().manual_seed(1)
+    r = dirs.unit(torch.randn(3, 16, generator=g))
+    m = torch.randn(3, 16, generator=g)
+    p = dirs.project_out_harmless(r, m)
+    assert torch.allclose(p.norm(dim=-1), torch.ones(3))
+    assert ((p * m).sum(-1)).abs().max() < 1e-5
+
+
+def test_separation_stats():
+    h = torch.tensor([2.0, 2.2, 1.8, 2.1])
+    b = torch.tensor([0.0, 0.1, -0.1, 0.05])
+    sep, acc = dirs.separation_stats(h, b)
+    assert sep > 10 and acc == 1.0
+    sep, acc = dirs.separation_stats(b, b)
+    assert sep == 0 and acc == 0.5
+
+
+def test_resolve_layer_index_best_fraction_and_errors():
+    d = _fake()
+    v, info = dirs.resolve_layer("best", d)
+    assert info["index"] == 2 and torch.equal(v, d.directions[2])
+    v, info = dirs.resolve_layer("3", d)
+    assert torch.equal(v, d.directions[3])
+    v, info = dirs.resolve_layer("0.5", d)  # exactly layer 2 of 0..4
+    assert torch.allclose(v, d.directions[2], atol=1e-6)
+    v, info = dirs.resolve_layer("0.625", d)  # halfway between 2 and 3
+    expected = dirs.unit(d.directions[2] + d.directions[3])
+    assert torch.allclose(v, expected, atol=1e-6) and info["between"] == [2, 3]
+    for bad in ("7", "1.5", "middle", "-9"):
+        with pytest.raises(UserError):
+            dirs.resolve_layer(bad, d)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    d = _fake()
+    dirs.save(d, tmp_path)
+    assert (tmp_path / dirs.DIRECTIONS_PNG).stat().st_size > 1000
+    back = dirs.load(tmp_path)
+    assert torch.equal(back.directions, d.directions) and back.suggested_layer == 2
+    assert back.stats[1] == d.stats[1]
+    with pytest.raises(UserError):
+        dirs.load(tmp_path / "missing")
+
+
+def test_holdout_is_disjoint_and_spread():
+    prompts = [f"p{i}" for i in range(20)]
+    fit, val = dirs.holdout(prompts, 0.25)
+    assert len(val) == 5 and not set(fit) & set(val) and set(fit) | set(val) == set(prompts)
+    assert val[0] == "p0" and val[-1] == "p16"
+
+
+def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_prompts):
+    cfg = dirs.DirectionsConfig(batch_size=32)
+    d = dirs.measure(demo_loaded.model, demo_loaded.tokenizer, demo_prompts.harmful.measure,
+                     demo_prompts.harmless.measure, cfg)
+    assert d.directions.shape == (6, 128)
+    assert torch.allclose(d.directions.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert all(s.valid and s.accuracy >= 0.9 for s in d.stats)
+    chosen = d.stats[d.suggested_layer]
+    # Ablating the chosen direction removes (almost) all refusals at little cost.
+    assert chosen.refusal_ablated <= 0.1 and chosen.kl_ablated < 0.1
+    assert d.suggested_layer < 0.8 * 6
