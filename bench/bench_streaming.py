@@ -128,6 +128,26 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
+def fast_edit_tensor(weight, direction, hidden_axis: int, strength: float, norm_preserving: bool = False):
+    """`--what-if-fast-edit`: the edit of `pipeline.abliterate.edit_tensor` without its strided
+    full-size temporaries: one float32 copy in the original layout, updated in place."""
+    import torch
+
+    if strength == 0:
+        return weight
+    w = weight.to(torch.float32)  # a fresh contiguous copy, original layout
+    r = direction.to(device=w.device, dtype=torch.float32)
+    r = r / r.norm()
+    coeff = (w.movedim(hidden_axis, -1) @ r).unsqueeze(hidden_axis)  # a matrix-vector product
+    shape = [1] * w.dim()
+    shape[hidden_axis] = -1
+    before = w.norm(dim=hidden_axis, keepdim=True) if norm_preserving else None
+    w.addcmul_(r.view(shape), coeff, value=-strength)  # in place: W -= s * r (rᵀW)
+    if norm_preserving:
+        w.mul_(before / w.norm(dim=hidden_axis, keepdim=True).clamp_min(1e-12))
+    return w.to(weight.dtype)
+
+
 def vm_hwm() -> int:
     """Peak resident set of this process in bytes (VmHWM).
 
@@ -142,11 +162,18 @@ def vm_hwm() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_child(mode: str, src: Path, dst: Path, direction_file: Path, sync: bool) -> dict:
+def run_child(mode: str, src: Path, dst: Path, direction_file: Path, sync: bool, threads: int | None) -> dict:
     """One timed copy or edit in a fresh interpreter (same conditions for both); returns its report."""
     fresh_dir(dst)
     payload = json.dumps(
-        {"mode": mode, "src": str(src), "dst": str(dst), "direction": str(direction_file), "sync": sync}
+        {
+            "mode": mode,
+            "src": str(src),
+            "dst": str(dst),
+            "direction": str(direction_file),
+            "sync": sync,
+            "threads": threads,
+        }
     )
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", payload], capture_output=True, text=True
@@ -165,6 +192,8 @@ def child_main(payload: str) -> None:
     import pipeline.abliterate as ab
 
     args = json.loads(payload)
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
     src, dst = Path(args["src"]), Path(args["dst"])
     config = json.loads((src / "config.json").read_text())
     direction = torch.load(args["direction"])
@@ -187,7 +216,7 @@ def child_main(payload: str) -> None:
 
     copyfile = shutil.copyfile
     shutil.copyfile = timed("copyfile", copyfile)
-    ab.edit_tensor = timed("edit_tensor", ab.edit_tensor)
+    ab.edit_tensor = timed("edit_tensor", fast_edit_tensor if args["mode"] == "fast-edit" else ab.edit_tensor)
 
     changed = 0
     start = time.perf_counter()
@@ -315,7 +344,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
     p.add_argument("--intermediate", type=int, default=5632, help="MLP intermediate size (default 5632)")
-    p.add_argument("--layers", type=int, default=12, help="decoder layers (default 12)")
+    p.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: 1.55 GB at the defaults)")
     p.add_argument("--heads", type=int, default=16, help="attention heads (default 16)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
@@ -326,7 +355,13 @@ def parse_args(argv=None):
         "--quick", action="store_true", help="small model: hidden 1024, intermediate 2816, 8 layers, 100MB shards"
     )
     p.add_argument("--repeats", type=int, default=2, help="alternating copy/edit rounds; best of each (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: torch's)")
     p.add_argument("--sync", action="store_true", help="include a final os.sync() in both timed regions")
+    p.add_argument(
+        "--what-if-fast-edit",
+        action="store_true",
+        help="also time apply_streaming with a faster edit_tensor patched in (bench-only, informational)",
+    )
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached random model")
     p.add_argument("--delete-model", action="store_true", help="delete the cached model at the end")
     p.add_argument("--verify-per-shard", type=int, default=4, help="untouched tensors compared per shard")
@@ -372,39 +407,52 @@ def main(argv=None) -> int:
     direction_file = work / "direction.pt"
     torch.save(direction, direction_file)
 
-    copies, edits = [], []
+    load_before = os.getloadavg()
+    copies, edits, fast = [], [], []
+    checks = {}
     try:
         for i in range(args.repeats):
-            copies.append(run_child("copy", src, work / "copy", direction_file, args.sync))
-            edits.append(run_child("edit", src, work / "edit", direction_file, args.sync))
-            print(
-                f"round {i + 1}/{args.repeats}: copy {copies[-1]['seconds']:.2f}s  edit {edits[-1]['seconds']:.2f}s  "
-                f"(peak RSS: copy {copies[-1]['peak_rss'] / MB:.0f} MB, edit {edits[-1]['peak_rss'] / MB:.0f} MB)",
-                flush=True,
+            copies.append(run_child("copy", src, work / "copy", direction_file, args.sync, args.threads))
+            edits.append(run_child("edit", src, work / "edit", direction_file, args.sync, args.threads))
+            line = f"round {i + 1}/{args.repeats}: copy {copies[-1]['seconds']:.2f}s  edit {edits[-1]['seconds']:.2f}s"
+            if args.what_if_fast_edit:
+                fast.append(run_child("fast-edit", src, work / "fast-edit", direction_file, args.sync, args.threads))
+                line += f"  what-if fast edit {fast[-1]['seconds']:.2f}s"
+            rss = f"copy {copies[-1]['peak_rss'] / MB:.0f} MB, edit {edits[-1]['peak_rss'] / MB:.0f} MB"
+            print(f"{line}  (peak RSS: {rss})", flush=True)
+        for sub in ("edit", "fast-edit") if fast else ("edit",):
+            checks[sub] = verify(
+                src, work / sub, direction, num_layers, model_type, args.verify_per_shard, args.full_verify
             )
-        check = verify(
-            src, work / "edit", direction, num_layers, model_type, args.verify_per_shard, args.full_verify
-        )
     finally:
-        for sub in ("copy", "edit"):
+        for sub in ("copy", "edit", "fast-edit"):
             shutil.rmtree(work / sub, ignore_errors=True)
         if args.delete_model:
             shutil.rmtree(src, ignore_errors=True)
 
+    def passed(check: dict, changed: int) -> bool:
+        return bool(
+            check["headers_identical"]
+            and not check["untouched_mismatched"]
+            and check["writers_changed"] == check["writers_expected"] == changed
+            and check["o_proj_ok"]
+        )
+
+    check = checks["edit"]
+    load_after = os.getloadavg()
     best_copy = min(c["seconds"] for c in copies)
     best_edit = min(edits, key=lambda e: e["seconds"])
     ratio = best_copy / best_edit["seconds"]
     peak = max(e["peak_rss"] for e in edits)
     rss_goal = GOAL_RSS_SHARD_FACTOR * largest + GOAL_RSS_EXTRA_MB * MB
     ratio_ok, rss_ok = ratio >= GOAL_RATIO, peak <= rss_goal
-    correct = (
-        check["headers_identical"]
-        and not check["untouched_mismatched"]
-        and check["writers_changed"] == check["writers_expected"] == best_edit["changed"]
-        and check["o_proj_ok"]
-    )
+    correct = passed(check, best_edit["changed"])
+    best_fast = min(fast, key=lambda e: e["seconds"]) if fast else None
+    fast_ratio = best_copy / best_fast["seconds"] if best_fast else None
+    fast_correct = passed(checks["fast-edit"], best_fast["changed"]) if best_fast else None
 
     rows = [
+        ("machine", f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after"),
         ("model size", f"{total / MB:.0f} MB, {len(shards)} shards, largest {largest / MB:.0f} MB"),
         (f"copy (best of {args.repeats})", f"{best_copy:.2f} s  ({total / MB / best_copy:.0f} MB/s)"),
         (
@@ -444,6 +492,16 @@ def main(argv=None) -> int:
             f"{check['rounding_noise']:.2e}  {'OK' if check['o_proj_ok'] else 'FAIL'}",
         ),
     ]
+    if best_fast:
+        rows += [
+            (
+                "what-if: faster edit_tensor",
+                f"{best_fast['seconds']:.2f} s (maths {best_fast['edit_tensor_seconds']:.2f} s), ratio "
+                f"{fast_ratio:.2f}, peak RSS {max(e['peak_rss'] for e in fast) / MB:.0f} MB, "
+                f"checks {'ok' if fast_correct else 'FAILED'}",
+            ),
+            ("all what-if edit times", ", ".join(f"{e['seconds']:.2f}" for e in fast) + " s"),
+        ]
     width = max(len(k) for k, _ in rows)
     print()
     print(f"{'metric':<{width}}  value")
@@ -473,7 +531,19 @@ def main(argv=None) -> int:
         "rss_met": rss_ok,
         "correctness": check,
         "correct": bool(correct),
+        "what_if_fast_edit": {
+            "edits": fast,
+            "best_seconds": best_fast["seconds"],
+            "throughput_ratio": fast_ratio,
+            "correctness": checks["fast-edit"],
+            "correct": fast_correct,
+        }
+        if best_fast
+        else None,
         "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
         "torch_threads": torch.get_num_threads(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -482,7 +552,9 @@ def main(argv=None) -> int:
     print(
         f"SUMMARY streaming: copy/edit throughput ratio {ratio:.2f} (goal >= {GOAL_RATIO}: "
         f"{'met' if ratio_ok else 'NOT met'}); peak RSS {peak / MB:.0f} MB vs {rss_goal / MB:.0f} MB "
-        f"(goal: {'met' if rss_ok else 'NOT met'}); correctness {'ok' if correct else 'FAILED'}  -> {args.json}"
+        f"(goal: {'met' if rss_ok else 'NOT met'}); correctness {'ok' if correct else 'FAILED'}"
+        + (f"; what-if faster edit_tensor ratio {fast_ratio:.2f}" if best_fast else "")
+        + f"  -> {args.json}"
     )
     return 0 if correct else 1
 

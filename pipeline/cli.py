@@ -124,12 +124,91 @@ def print_summary(summary: dict) -> None:
     print(f"output: {summary['out']}")
 
 
+STAGE_CONFIGS = (
+    ("pipeline.loading", "LoadConfig"),
+    ("pipeline.stages", "PromptsConfig"),
+    ("pipeline.directions", "DirectionsConfig"),
+    ("pipeline.abliterate", "EditConfig"),
+    ("pipeline.evaluate", "EvalConfig"),
+)
+
+
+def _stage_classes():
+    import importlib
+
+    return [getattr(importlib.import_module(m), n) for m, n in STAGE_CONFIGS]
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="Model to Hub in one command: edit or tune, evaluate, card, push.")
+    p.add_argument("model", nargs="?", help="Hub id, local folder, or 'demo'.")
+    p.add_argument("--recipe", type=Path, help="YAML file of several jobs (models x methods), run one after the other.")
+    p.add_argument("--repo-id", help="Target Hub repo OWNER/NAME.")
+    p.add_argument("--method", choices=["abliterate", "auto", "dpo", "steer"], default="abliterate")
+    p.add_argument("--out", type=Path, help="Output folder (default: out/<model>-<method>).")
+    p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    p.add_argument("--no-push", action="store_true", help="Stop after the card; upload nothing.")
+    p.add_argument("--layer", help="Direction layer: an index, 'best', or a fraction.")
+    p.add_argument("--edit-method", choices=["standard", "projected", "norm-preserving"], help="Abliteration method.")
+    seen: set[str] = {"method"}
+    for cls in _stage_classes():
+        add_config_args(p, cls, skip=seen)
+        seen |= set(cls.model_fields)
+    p.set_defaults(func=cmd_run)
+
+
+def _given_options(args, exclude: set[str]) -> dict:
+    return {k: v for k, v in vars(args).items() if v is not None and k not in exclude}
+
+
+def cmd_run(args) -> int:
+    from pipeline.jobs import load_jobs, run_jobs
+    from pipeline.run import RunJob
+
+    if args.recipe:
+        jobs = load_jobs(args.recipe)
+    elif args.model:
+        fixed = {"model", "recipe", "repo_id", "method", "out", "private", "no_push", "func", "command", "verbose"}
+        jobs = [
+            RunJob(
+                model=args.model,
+                repo_id=args.repo_id,
+                method=args.method,
+                out=args.out,
+                private=args.private,
+                push=not args.no_push,
+                options=_given_options(args, fixed),
+            )
+        ]
+    else:
+        raise UserError("give a MODEL or --recipe jobs.yaml")
+    return run_jobs(jobs, progress=print)
+
+
+def _passthrough_parser(sub, name: str, help_text: str, target: str) -> None:
+    p = sub.add_parser(name, help=help_text, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _call(target, args.rest))
+
+
+def _call(target: str, argv: list[str]) -> int:
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
     sub = parser.add_subparsers(dest="command", required=True)
     _directions_parser(sub)
     _abliterate_parser(sub)
+    _run_parser(sub)
+    _passthrough_parser(sub, "card", "Render DIR/README.md from its recipe and evaluation.", "pipeline.card:card_main")
+    _passthrough_parser(
+        sub, "push", "Upload an output folder to the Hub (same as python -m pipeline.push).", "pipeline.push:main"
+    )
     for extra in _extra_commands():
         extra(sub)
     return parser

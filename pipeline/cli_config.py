@@ -82,3 +82,13 @@ def config_from_args(cls: type[BaseModel], ns: argparse.Namespace, prefix: str =
             raise UserError(str(err["msg"]).removeprefix("Value error, ")) from exc
         flag = "--" + (prefix + "-".join(str(p) for p in err["loc"])).replace("_", "-")
         raise UserError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from exc
+
+
+def build_config(cls: type[BaseModel], options: dict[str, Any]):
+    """Build a config from a dict of settings (a YAML job or the UI), keeping only its own fields.
+
+    Keys may use dashes or underscores; nested configs take `attn_strength`-style keys.
+    """
+    flat = {str(k).replace("-", "_"): v for k, v in options.items()}
+    ns = argparse.Namespace(**flat)
+    return config_from_args(cls, ns)

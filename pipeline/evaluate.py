@@ -333,6 +333,8 @@ def _settings(model: Any, cfg: EvalConfig) -> dict[str, Any]:
 def _measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], cfg: EvalConfig,
              kl: bool = True) -> tuple[list[str], Any, float | None]:
     """Responses to ``harmful``, first-token log-probs on ``harmless`` (when ``kl``), perplexity."""
+    if cfg.perplexity and cfg.perplexity_file and not Path(cfg.perplexity_file).is_file():
+        raise UserError(f"perplexity text not found: {cfg.perplexity_file}")
     size = cfg.batch_size or auto_batch_size(model)
     responses = generate(model, tokenizer, harmful, cfg.max_new_tokens, size, cfg.prefill_think)
     logprobs = first_token_logprobs(model, tokenizer, harmless, size, cfg.prefill_think) if kl else None
@@ -354,8 +356,6 @@ def reference(
 ) -> BaseReference:
     """Measure the base model once: responses, first-token log-probabilities and perplexity."""
     harmful, harmless = _prompts(harmful, harmless)
-    if cfg.perplexity_file and not Path(cfg.perplexity_file).is_file():
-        raise UserError(f"perplexity text not found: {cfg.perplexity_file}")
     responses, logprobs, ppl = _measure(base_model, tokenizer, harmful, harmless, cfg)
     settings = _settings(base_model, cfg)
     return BaseReference(harmful, harmless, tuple(responses), logprobs, ppl, tokenizer, settings, model_id)

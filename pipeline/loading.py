@@ -123,7 +123,10 @@ def load_tokenizer(path: Path, cfg: LoadConfig = LoadConfig()):
 
     from pipeline.chat import prepare_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from '{path}': the model folder needs its tokenizer files") from exc
     return prepare_tokenizer(tok)
 
 

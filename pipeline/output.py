@@ -92,12 +92,16 @@ def command_line() -> str:
     return " ".join(["python -m pipeline", *sys.argv[1:]]) if sys.argv and "pipeline" in sys.argv[0] else ""
 
 
+def is_weight_shard(path: Path) -> bool:
+    return not path.name.startswith("directions")
+
+
 def write_recipe(folder: Path, recipe: dict) -> dict:
     """Complete `recipe` with versions, shard hashes and time, and write recipe.json."""
     full = {
         **recipe,
         "versions": package_versions(),
-        "shards": {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))},
+        "shards": {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors")) if is_weight_shard(p)},
         "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     full.setdefault("command", command_line())

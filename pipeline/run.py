@@ -6,11 +6,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import directions as dirs
 from pipeline import stages
 from pipeline.abliterate import EditConfig
 from pipeline.architectures import num_layers_of
+from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, load_config, load_model, local_path
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 
@@ -136,3 +140,120 @@ def _evaluate(job: AbliterateJob, folder: Path, loaded, prompts, reference, prog
 
 def model_depth(model: str, load: LoadConfig) -> int:
     return num_layers_of(load_config(local_path(model, load), load))
+
+
+class RunJob(BaseModel):
+    """One job from model to Hub: edit or tune, evaluate, write the card, push."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="Hub id, local folder, or 'demo'.")
+    repo_id: str | None = Field(None, description="Target Hub repo OWNER/NAME (required unless push is off).")
+    method: Literal["abliterate", "auto", "dpo", "steer"] = Field("abliterate", description="What to do to the model.")
+    out: Path | None = Field(None, description="Output folder (default: out/<model name>-<method>).")
+    private: bool = Field(False, description="Create the Hub repo as private.")
+    push: bool = Field(True, description="Upload the result to the Hub.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Stage settings by config field name, e.g. {preset: aggressive}."
+    )
+
+    def output_dir(self) -> Path:
+        return self.out or Path("out") / f"{Path(self.model).name}-{self.method}"
+
+
+def _work_dir(out: Path) -> Path:
+    """Where finished intermediate stages live, so a re-run can reuse them."""
+    return out.with_name(f".{out.name}.work")
+
+
+def _configs(options: dict[str, Any], *classes):
+    from pipeline.cli_config import build_config
+
+    return [build_config(cls, options) for cls in classes]
+
+
+def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
+    from pipeline import directions as dirs_mod
+
+    load, prompts, measure, edit = _configs(
+        job.options, LoadConfig, stages.PromptsConfig, dirs.DirectionsConfig, EditConfig
+    )
+    work = _work_dir(out) / "directions"
+    if not (work / dirs_mod.DIRECTIONS_JSON).exists():
+        _say(progress, "measuring refusal directions")
+        directions_only(job.model, work, load, prompts, measure, progress)
+    else:
+        _say(progress, f"reusing directions measured earlier ({work})")
+    ajob = AbliterateJob(
+        model=job.model,
+        out=out,
+        layer=str(job.options.get("layer", "best")),
+        directions_file=work,
+        streaming=bool(job.options.get("streaming", False)),
+        evaluate=False,
+        load=load,
+        prompts=prompts,
+        measure=measure,
+        edit=edit,
+    )
+    abliterate(ajob, progress)
+
+
+def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
+    if job.method == "abliterate":
+        _abliterate_stage(job, out, progress)
+    elif job.method == "auto":
+        from pipeline.search import run_search
+
+        run_search(job.model, out, job.options, progress)
+    else:
+        from pipeline.tune_run import run_tuning
+
+        run_tuning(job.method, job.model, out, job.options, progress)
+
+
+def _evaluate_folder(job: RunJob, out: Path, progress: Progress | None) -> dict:
+    from pipeline import evaluate as ev
+    from pipeline.output import read_json
+
+    load, prompts_cfg, eval_cfg = _configs(job.options, LoadConfig, stages.PromptsConfig, ev.EvalConfig)
+    prompts = stages.resolve_prompts(job.model, prompts_cfg)
+    base = load_model(job.model, load)
+    ajob = AbliterateJob(model=job.model, out=out, load=load, eval=eval_cfg)
+    reference = _base_reference(base, prompts, ajob, progress)
+    del base
+    results = _evaluate(ajob, out, None, prompts, reference, progress)
+    write_json(out / EVAL_FILE, results)
+    return read_json(out / EVAL_FILE)
+
+
+def run_job(job: RunJob, progress: Progress | None = None, token: str | None = None) -> dict:
+    """The whole path from model to Hub; finished stages found on disk are reused."""
+    from huggingface_hub import HfApi
+
+    from pipeline.card import write_card
+    from pipeline.output import RECIPE_FILE, read_json
+    from pipeline.push import check_repo_id, push_folder
+
+    if job.push:
+        if not job.repo_id:
+            raise UserError("a repo id is needed to publish (--repo-id OWNER/NAME), or turn publishing off")
+        check_repo_id(job.repo_id)
+    out = job.output_dir()
+    if (out / RECIPE_FILE).exists():
+        _say(progress, f"reusing the edited model in {out}")
+    else:
+        _produce(job, out, progress)
+    if (out / EVAL_FILE).exists():
+        results = read_json(out / EVAL_FILE)
+    else:
+        results = _evaluate_folder(job, out, progress)
+    api = HfApi(token=token) if token else None
+    _say(progress, "writing the model card")
+    write_card(out, job.repo_id, api if job.push else None)
+    url = None
+    if job.push:
+        _say(progress, f"publishing to {job.repo_id}")
+        url = push_folder(out, job.repo_id, private=job.private, api=api)
+        _say(progress, f"published: {url}")
+    return {"out": str(out), "eval": results, "url": url, "repo_id": job.repo_id}

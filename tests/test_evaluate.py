@@ -303,6 +303,8 @@ def test_results_contract_and_reuse(demo, prompts, tmp_path) -> None:
         ev.evaluate(demo.model, demo.tokenizer, harmful, harmless, EvalConfig(max_new_tokens=8), base=ref)
     with pytest.raises(UserError, match="no harmful prompts"):
         ev.evaluate(demo.model, demo.tokenizer, [], harmless, cfg)
+    with pytest.raises(UserError, match="perplexity text not found"):
+        ev.evaluate(demo.model, demo.tokenizer, harmful[:1], [], EvalConfig(perplexity_file=str(tmp_path / "x")))
 
 
 def test_evaluate_without_base(demo, prompts) -> None:

@@ -1,0 +1,258 @@
+"""Benchmark: direction measurement throughput (`pipeline.activations.collect`).
+
+A random llama model (float32, vocab = the demo tokenizer's) runs the same
+prompts (the first `--prompts` of pipeline/data/prompts/censored.txt, in the
+demo chat template) in three ways, each timed best of `--repeats` after a warm-up:
+
+* batched: `collect(model, tok, prompts, batch_size=32)` (hooks, running means);
+* one at a time: `collect(..., batch_size=1)`, the original toolkit's loop;
+* bare: the same batches through `model.get_decoder()(**enc, use_cache=False)`
+  without hooks, pre-tokenised (and a variant that also formats + tokenises).
+
+Goals: batched tokens/s >= 5 x one-at-a-time; collect overhead over the bare
+forward = collect_time / bare_time - 1 <= 10 %. Also reported: the padding
+share of the batches and a what-if with length-sorted batches (bare forward),
+and that batched and one-at-a-time means agree.
+
+    .venv/bin/python bench/bench_directions.py           # hidden 1024, 8 layers, 128 prompts
+    .venv/bin/python bench/bench_directions.py --quick   # hidden 512, 4 layers, 64 prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+GOAL_SPEEDUP = 5.0
+GOAL_OVERHEAD = 0.10
+PROMPT_FILE = ROOT / "pipeline" / "data" / "prompts" / "censored.txt"
+
+
+def build_model(args, vocab_size: int, pad_id: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "llama",
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        vocab_size=vocab_size,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype))
+    return model.eval()
+
+
+def best_of(repeats: int, fn) -> tuple[float, list[float], object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), times, out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    p.add_argument("--intermediate", type=int, default=2816, help="MLP intermediate size (default 2816)")
+    p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
+    p.add_argument("--heads", type=int, default=16, help="attention heads (default 16)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--prompts", type=int, default=128, help="number of prompts from censored.txt (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="batched mode's batch size (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the best counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-what-if", action="store_true", help="skip the length-sorted what-if run")
+    p.add_argument("--quick", action="store_true", help="hidden 512, intermediate 1408, 4 layers, 64 prompts")
+    p.add_argument("--json", type=Path, default=RESULTS / "bench_directions.json", help="results file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.prompts = 512, 1408, 4, 64
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from pipeline.activations import collect
+    from pipeline.chat import batched, encode_batch, format_prompts, input_device
+    from pipeline.demo import demo_path
+    from pipeline.loading import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(demo_path())
+    prompts = [line.strip() for line in PROMPT_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = prompts[: args.prompts]
+    model = build_model(args, len(tokenizer), tokenizer.pad_token_id)
+    params = sum(p.numel() for p in model.parameters())
+    device = input_device(model)
+    decoder = model.get_decoder()
+    bs = args.batch_size
+
+    texts = format_prompts(tokenizer, prompts)
+    encs = [encode_batch(tokenizer, chunk, device) for chunk in batched(texts, bs)]
+    real_tokens = sum(int(e["attention_mask"].sum()) for e in encs)
+    padded_tokens = sum(e["attention_mask"].numel() for e in encs)
+    lengths = [int(m.sum()) for e in encs for m in e["attention_mask"]]
+    order = sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
+    sorted_encs = [encode_batch(tokenizer, [texts[i] for i in chunk], device) for chunk in batched(order, bs)]
+    sorted_padded = sum(e["attention_mask"].numel() for e in sorted_encs)
+
+    print(
+        f"model: random llama hidden={args.hidden} inter={args.intermediate} layers={args.layers} "
+        f"vocab={len(tokenizer)} {args.dtype} ({params / 1e6:.0f}M params) on {device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"prompts: {len(prompts)} from {PROMPT_FILE.name}, chat template; {real_tokens} tokens "
+        f"(mean {real_tokens / len(prompts):.1f}, min {min(lengths)}, max {max(lengths)}); batch {bs}: "
+        f"{padded_tokens} positions incl. padding ({1 - real_tokens / padded_tokens:.0%} padding)"
+    )
+
+    @torch.inference_mode()
+    def bare(batches):
+        for enc in batches:
+            decoder(**enc, use_cache=False)
+
+    @torch.inference_mode()
+    def bare_with_tokenize():
+        for chunk in batched(format_prompts(tokenizer, prompts), bs):
+            decoder(**encode_batch(tokenizer, chunk, device), use_cache=False)
+
+    runs = {
+        "batched": lambda: collect(model, tokenizer, prompts, batch_size=bs),
+        "bare": lambda: bare(encs),
+        "bare+tokenize": bare_with_tokenize,
+        "single": lambda: collect(model, tokenizer, prompts, batch_size=1),
+    }
+    if not args.no_what_if:
+        runs["bare-sorted"] = lambda: bare(sorted_encs)
+
+    # Warm-up: every mode once on a slice (allocator, oneDNN/MKL kernels, thread pool).
+    collect(model, tokenizer, prompts[: 2 * bs], batch_size=bs)
+    collect(model, tokenizer, prompts[:8], batch_size=1)
+    bare(encs[:2])
+
+    load_before = os.getloadavg()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, object] = {}
+    for i in range(args.repeats):  # modes interleaved, so a slow patch of the machine hits all of them
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {i + 1}/{args.repeats}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+    load_after = os.getloadavg()
+    best = {name: min(t) for name, t in times.items()}
+
+    acts_b, acts_s = outputs["batched"], outputs["single"]
+    assert acts_b.tokens == acts_s.tokens == real_tokens, (acts_b.tokens, acts_s.tokens, real_tokens)
+    scale = float(acts_s.mean.abs().max())
+    agreement = float((acts_b.mean - acts_s.mean).abs().max()) / scale
+    tps = {name: real_tokens / t for name, t in best.items()}
+    speedup = best["single"] / best["batched"]
+    overhead = best["batched"] / best["bare"] - 1
+    overhead_tok = best["batched"] / best["bare+tokenize"] - 1
+    speedup_ok, overhead_ok = speedup >= GOAL_SPEEDUP, overhead <= GOAL_OVERHEAD
+
+    labels = {
+        "batched": f"collect, batch {bs}",
+        "single": "collect, batch 1 (one at a time)",
+        "bare": f"bare decoder forward, batch {bs}, pre-tokenised",
+        "bare+tokenize": f"bare decoder forward, batch {bs}, + format/tokenise",
+        "bare-sorted": f"what-if: bare, batch {bs}, length-sorted batches",
+    }
+    width = max(len(v) for v in labels.values())
+    print()
+    print(f"{'mode':<{width}}  {'best s':>8}  {'tokens/s':>9}  all runs (s)")
+    print(f"{'-' * width}  {'-' * 8}  {'-' * 9}  {'-' * 20}")
+    for name in runs:
+        print(
+            f"{labels[name]:<{width}}  {best[name]:8.2f}  {tps[name]:9.0f}  "
+            + ", ".join(f"{t:.2f}" for t in times[name])
+        )
+    print()
+    print(
+        f"speedup batched vs one at a time: {speedup:.2f}x  (goal >= {GOAL_SPEEDUP:.0f}x)  "
+        f"{'MET' if speedup_ok else 'NOT MET'}"
+    )
+    print(
+        f"collect overhead vs bare forward: {overhead:+.1%}  (goal <= {GOAL_OVERHEAD:.0%})  "
+        f"{'MET' if overhead_ok else 'NOT MET'};  vs bare + format/tokenise: {overhead_tok:+.1%}"
+    )
+    if "bare-sorted" in best:
+        print(
+            f"what-if length-sorted batches: padding {1 - real_tokens / padded_tokens:.0%} -> "
+            f"{1 - real_tokens / sorted_padded:.0%}, bare forward {best['bare'] / best['bare-sorted']:.2f}x faster"
+        )
+    print(f"batched vs one-at-a-time means: max |diff| / max |mean| = {agreement:.1e}")
+    print(f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after ({os.cpu_count()} CPUs)")
+
+    result = {
+        "benchmark": "bench_directions",
+        "model": {
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "layers": args.layers,
+            "heads": args.heads,
+            "vocab": len(tokenizer),
+            "dtype": args.dtype,
+            "params": params,
+        },
+        "prompts": len(prompts),
+        "tokens": real_tokens,
+        "padded_positions": padded_tokens,
+        "padded_positions_sorted": sorted_padded,
+        "batch_size": bs,
+        "repeats": args.repeats,
+        "times": times,
+        "best_seconds": best,
+        "tokens_per_second": tps,
+        "speedup": speedup,
+        "goal_speedup": GOAL_SPEEDUP,
+        "speedup_met": speedup_ok,
+        "overhead": overhead,
+        "overhead_vs_bare_with_tokenize": overhead_tok,
+        "goal_overhead": GOAL_OVERHEAD,
+        "overhead_met": overhead_ok,
+        "means_max_rel_diff": agreement,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print()
+    print(
+        f"SUMMARY directions: batched {tps['batched']:.0f} tok/s vs one-at-a-time {tps['single']:.0f} tok/s = "
+        f"{speedup:.2f}x (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup_ok else 'NOT met'}); collect overhead "
+        f"{overhead:+.1%} vs bare forward (goal <= {GOAL_OVERHEAD:.0%}: {'met' if overhead_ok else 'NOT met'})"
+        f"  -> {args.json}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Several jobs from one YAML recipe, run one after the other; a failed job does not stop the rest.
+
+```yaml
+defaults:            # applied to every job
+  private: true
+  options: {preset: standard}
+jobs:                # explicit jobs ...
+  - {model: demo, repo_id: alice/demo-abliterated}
+matrix:              # ... and/or every model x method
+  models: [demo, Qwen/Qwen3-0.6B]
+  methods: [abliterate, auto]
+  repo_id: "alice/{name}-{method}"   # {name} is the model's last path part
+```
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pipeline.errors import UserError
+from pipeline.run import Progress, RunJob, run_job
+
+
+def _job(entry: dict[str, Any], defaults: dict[str, Any], where: str) -> RunJob:
+    merged = {**defaults, **entry, "options": {**defaults.get("options", {}), **entry.get("options", {})}}
+    try:
+        return RunJob(**merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+
+
+def load_jobs(path: Path) -> list[RunJob]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise UserError(f"recipe '{path}' not found") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict) or not (data.get("jobs") or data.get("matrix")):
+        raise UserError(f"recipe '{path}' needs a 'jobs' list or a 'matrix' of models and methods")
+    defaults = data.get("defaults") or {}
+    jobs = [_job(e, defaults, f"{path}: job {i + 1}") for i, e in enumerate(data.get("jobs") or [])]
+    matrix = data.get("matrix") or {}
+    for model in matrix.get("models", []):
+        for method in matrix.get("methods", ["abliterate"]):
+            repo = matrix.get("repo_id", "").format(name=Path(model).name, method=method) or None
+            jobs.append(_job({"model": model, "method": method, "repo_id": repo}, defaults, f"{path}: {model}"))
+    return jobs
+
+
+def run_jobs(jobs: list[RunJob], progress: Progress | None = print, token: str | None = None) -> int:
+    """Run every job; report all outcomes at the end. Exit code: 0, or the first failure's."""
+    outcomes: list[tuple[RunJob, str, int]] = []
+    for i, job in enumerate(jobs, 1):
+        if len(jobs) > 1 and progress:
+            progress(f"[job {i}/{len(jobs)}] {job.model} -> {job.method} -> {job.repo_id or 'no push'}")
+        try:
+            result = run_job(job, progress, token)
+            outcomes.append((job, f"ok: {result['url'] or result['out']}", 0))
+        except UserError as exc:
+            outcomes.append((job, f"failed: {exc}", exc.exit_code))
+            print(f"error: {exc}", file=sys.stderr)
+    if progress:
+        progress("summary:")
+        for job, text, _ in outcomes:
+            progress(f"  {job.model} [{job.method}] {text}")
+    failures = [code for _, _, code in outcomes if code]
+    return failures[0] if failures else 0
