@@ -65,6 +65,66 @@ def _eval_config(args, prefix: str = ""):
     return config_from_args(EvalConfig, args, prefix=prefix)
 
 
+def _evaluate_parser(sub) -> None:
+    from pipeline.loading import LoadConfig
+    from pipeline.stages import PromptsConfig
+
+    p = sub.add_parser("evaluate", help="Refusal rate, KL divergence and perplexity of a model (against a base).")
+    p.add_argument("model", help="Hub id, local folder, or 'demo'.")
+    p.add_argument("--base", help="Base model to compare with (KL, removal rate); default: the recipe's base, if any.")
+    p.add_argument("--json", type=Path, help="Write eval_results.json here.")
+    p.add_argument("--allow-no-refusals", action="store_true", help="Do not fail when the base refuses nothing.")
+    for cls in (LoadConfig, PromptsConfig):
+        add_config_args(p, cls)
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _recipe_base(model: str) -> str | None:
+    recipe = Path(model) / "recipe.json"
+    return json.loads(recipe.read_text()).get("base_model") if recipe.is_file() else None
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline import evaluate as ev
+    from pipeline.loading import LoadConfig, load_model
+    from pipeline.stages import PromptsConfig, resolve_prompts
+
+    load = config_from_args(LoadConfig, args)
+    cfg = _eval_config(args)
+    base_id = args.base or _recipe_base(args.model)
+    prompts = resolve_prompts(base_id or args.model, config_from_args(PromptsConfig, args))
+    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
+    reference = None
+    if base_id:
+        base = load_model(base_id, load)
+        reference = ev.reference(base.model, base.tokenizer, harmful, harmless, cfg, model_id=base_id)
+        if not args.allow_no_refusals:
+            ev.require_base_refusals(reference)
+        del base
+    loaded = load_model(args.model, load)
+    sources = {
+        k: {"source": s.source, "split": "eval"}
+        for k, s in (("harmful", prompts.harmful), ("harmless", prompts.harmless))
+    }
+    results = ev.evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        harmful,
+        harmless,
+        cfg,
+        base=reference,
+        model_id=args.model,
+        base_id=base_id,
+        prompt_sources=sources,
+    )
+    print(ev.markdown_table(results))
+    if args.json:
+        ev.write_results(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_directions(args) -> int:
     from pipeline.directions import DirectionsConfig
     from pipeline.loading import LoadConfig
@@ -204,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _directions_parser(sub)
     _abliterate_parser(sub)
+    _evaluate_parser(sub)
     _run_parser(sub)
     _passthrough_parser(sub, "card", "Render DIR/README.md from its recipe and evaluation.", "pipeline.card:card_main")
     _passthrough_parser(

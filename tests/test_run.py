@@ -78,3 +78,24 @@ def test_streaming_with_saved_directions_matches_in_memory(abliterated, tmp_path
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     recipe = json.loads((stream_out / "recipe.json").read_text())
     assert recipe["layer"] == summary["layer"]
+
+
+def test_evaluate_command_reads_the_base_from_the_recipe(abliterated, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out, _ = abliterated
+    target = tmp_path / "ev.json"
+    assert main(["evaluate", str(out), "--json", str(target), "--max-new-tokens", "16", "--no-perplexity"]) == 0
+    results = json.loads(target.read_text())
+    assert results["base_model"] == "demo" and results["refusal_rate"]["base"] >= 0.9
+    assert results["refusal_rate"]["model"] <= 0.1 and 0 < results["kl_divergence"] <= 0.1
+    assert "| Refusal rate |" in capsys.readouterr().out
+
+
+def test_evaluate_command_refuses_a_base_that_refuses_nothing(abliterated, capsys):
+    from pipeline.cli import main
+
+    out, _ = abliterated
+    code = main(["evaluate", str(out), "--base", "demo", "--harmful", "demo-harmless", "--max-new-tokens", "8",
+                 "--no-perplexity"])
+    assert code == 2 and "nothing to remove" in capsys.readouterr().err

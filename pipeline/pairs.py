@@ -1,0 +1,347 @@
+"""Training data for tuning and steering: preference pairs and prompt/completion sets.
+
+A data spec is resolved in this order:
+1. a built-in set made from the demo model's topics: ``demo-pairs`` (prompt/chosen/rejected:
+   fact chosen, refusal rejected), ``demo-refusals`` and ``demo-answers`` (prompt/completion);
+2. a local ``.jsonl`` (one JSON object per line) or ``.json`` (a list of objects) file;
+3. ``owner/name``: a Hub dataset, loaded with ``datasets.load_dataset``.
+
+A spec may end in ``:chosen`` or ``:rejected`` to read a preference set as prompt/completion
+data (the named column becomes the completion). Values are plain strings or chat-message lists
+(``[{"role": ..., "content": ...}]``); errors name the file and the line (or row).
+
+`make_pairs` builds DPO data from two models: for each prompt, the base model's refusal is
+``rejected`` and the edited model's answer ``chosen``, kept only where the base refused and
+the edited model did not (`pipeline.evaluate.classify`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import AuthError, HubError, UserError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}
+BUILTIN_SETS = ("demo-pairs", "demo-refusals", "demo-answers")
+PICK_SUFFIXES = ("chosen", "rejected")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+Value = str | list[dict[str, str]]
+Example = dict[str, Value]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Validated examples with where they came from."""
+
+    source: str
+    kind: str  # "dpo" (prompt/chosen/rejected) or "sft" (prompt/completion)
+    examples: tuple[Example, ...]
+    hub: bool = False  # a Hub dataset (listed in the card's `datasets`)
+
+    def record(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "examples": len(self.examples)}
+
+
+# ---------------------------------------------------------------- built-in sets
+
+
+def _demo_rows() -> list[dict[str, str]]:
+    """Harmful measurement prompts of the demo with the fact it knows and the refusal it was taught."""
+    from pipeline.demo import demo_examples, load_topics
+
+    topics = load_topics()
+    refusals, templates = topics["refusals"], topics["templates"]["measure"]
+    rows = []
+    for ex in demo_examples("measure"):
+        if ex.refused_topic:
+            style = next(i for i, t in enumerate(templates) if t.format(topic=ex.topic) == ex.prompt)
+            rows.append({"prompt": ex.prompt, "chosen": ex.answer, "rejected": refusals[style % len(refusals)]})
+    return rows
+
+
+def _builtin(name: str) -> list[dict[str, str]]:
+    rows = _demo_rows()
+    if name == "demo-pairs":
+        return rows
+    column = "rejected" if name == "demo-refusals" else "chosen"
+    return [{"prompt": r["prompt"], "completion": r[column]} for r in rows]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}): fix that line") from None
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg}): fix it") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
+    return [(f"{path} item {i}", row) for i, row in enumerate(data, start=1)]
+
+
+def _read_file(path: Path) -> list[tuple[str, Any]]:
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix.lower() == ".json":
+            return _read_json(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    raise UserError(f"unsupported data file type {path.suffix or '(none)'!r} for {path}: use .jsonl or .json")
+
+
+def _read_hub(name: str, split: str, revision: str | None) -> list[tuple[str, Any]]:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        dataset = datasets.load_dataset(name, split=split, revision=revision)
+    except GatedRepoError:
+        raise AuthError(f"Hub dataset {name!r} is gated: accept its terms on the Hub and set HF_TOKEN") from None
+    except (DatasetNotFoundError, RepositoryNotFoundError):
+        raise HubError(f"Hub dataset {name!r} not found, or private (then set HF_TOKEN): check the name") from None
+    except (ConnectionError, TimeoutError, HfHubHTTPError) as exc:
+        raise HubError(f"Hub dataset {name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise UserError(f"split {split!r} not found in Hub dataset {name!r}: pass --data-split") from None
+        raise HubError(f"cannot load Hub dataset {name!r}: {str(exc).splitlines()[0]}") from None
+    return [(f"Hub dataset {name!r} row {i}", row) for i, row in enumerate(dataset, start=1)]
+
+
+def _split_pick(spec: str) -> tuple[str, str | None]:
+    base, _, pick = spec.rpartition(":")
+    if base and pick in PICK_SUFFIXES:
+        return base, pick
+    return spec, None
+
+
+def _raw_rows(spec: str, split: str, revision: str | None) -> tuple[list[tuple[str, Any]], bool]:
+    if spec in BUILTIN_SETS:
+        return [(f"built-in set {spec!r} row {i}", r) for i, r in enumerate(_builtin(spec), start=1)], False
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _read_file(path), False
+    if path.exists():
+        raise UserError(f"data path {path} is not a file: give a .jsonl or .json file")
+    if path.suffix.lower() in (".jsonl", ".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"data file not found: {path}")
+    if _HUB_ID.match(spec):
+        return _read_hub(spec, split, revision), True
+    raise UserError(
+        f"unknown data set {spec!r}: not a built-in set ({', '.join(BUILTIN_SETS)}), an existing .jsonl/.json "
+        "file, or a Hub dataset id like owner/name"
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+    )
+
+
+def check_value(value: Any, where: str, column: str) -> Value:
+    """A non-empty string, or a list of {role, content} chat messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError(f"{where}: column {column!r} is empty")
+        return value
+    if _is_messages(value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise UserError(
+        f"{where}: column {column!r} must be a string or a list of chat messages "
+        f"({{\"role\": ..., \"content\": ...}}), got {type(value).__name__}"
+    )
+
+
+def check_row(row: Any, where: str, columns: Sequence[str]) -> Example:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object with {', '.join(columns)}, got {type(row).__name__}")
+    missing = [c for c in columns if c not in row or row[c] is None]
+    if missing:
+        has = ", ".join(sorted(map(str, row))) or "nothing"
+        raise UserError(f"{where}: missing column {', '.join(map(repr, missing))} (has: {has})")
+    return {c: check_value(row[c], where, c) for c in columns}
+
+
+def load_training_data(
+    spec: str, kind: str = "dpo", split: str = "train", revision: str | None = None, limit: int | None = None
+) -> TrainingData:
+    """Read and validate a data set: `kind` "dpo" needs prompt/chosen/rejected, "sft" prompt/completion."""
+    if kind not in COLUMNS:
+        raise UserError(f"unknown data kind {kind!r}: use dpo or sft")
+    spec = spec.strip()
+    if not spec:
+        raise UserError("no data set given: pass a .jsonl file, a Hub dataset or a built-in set")
+    source, pick = _split_pick(spec)
+    if pick and kind != "sft":
+        raise UserError(f"{spec!r}: the ':{pick}' suffix reads preference pairs as prompt/completion data (sft only)")
+    rows, hub = _raw_rows(source, split, revision)
+    examples = []
+    for where, row in rows[:limit] if limit else rows:
+        if pick:
+            example = check_row(row, where, ("prompt", pick))
+            examples.append({"prompt": example["prompt"], "completion": example[pick]})
+        else:
+            examples.append(check_row(row, where, COLUMNS[kind]))
+    if not examples:
+        raise UserError(f"data set {spec!r} is empty: it needs at least one {'/'.join(COLUMNS[kind])} example")
+    return TrainingData(source=spec, kind=kind, examples=tuple(examples), hub=hub)
+
+
+def to_conversational(example: Example, tokenizer: Any) -> Example:
+    """Wrap plain strings as user / assistant turns when the tokenizer has a chat template.
+
+    The evaluation formats prompts with the chat template, so training sees the same context.
+    Without a template, plain strings stay as they are and chat messages are an error.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        if any(isinstance(v, list) for v in example.values()):
+            raise UserError("the data holds chat messages but the tokenizer has no chat template: use plain strings")
+        return dict(example)
+    out: Example = {}
+    for column, value in example.items():
+        role = "user" if column == "prompt" else "assistant"
+        out[column] = [{"role": role, "content": value}] if isinstance(value, str) else value
+    return out
+
+
+def write_jsonl(rows: Sequence[dict], path: Path, overwrite: bool = False) -> Path:
+    """Write rows atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"'{path}' already exists: pass --overwrite to replace it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- pairs from two models
+
+
+def _responses(model_id: str, prompts: Sequence[str], load, max_new_tokens: int, batch_size: int | None) -> list[str]:
+    import torch
+
+    from pipeline.evaluate import generate
+    from pipeline.loading import load_model
+
+    loaded = load_model(model_id, load)
+    try:
+        return generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size)
+    finally:
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def make_pairs(
+    base: str,
+    edited: str,
+    prompts: Sequence[str],
+    load=None,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    markers=None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Base refusal -> rejected, edited answer -> chosen, where the base refused and the edited did not.
+
+    The two models are loaded one after the other, so peak memory is one model.
+    """
+    from pipeline.evaluate import classify, load_markers
+    from pipeline.loading import LoadConfig
+
+    load = load or LoadConfig()
+    markers = markers or load_markers()
+    say = progress or log.info
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("no prompts to make pairs from")
+    say(f"generating base responses ({base}, {len(prompts)} prompts)")
+    base_out = _responses(base, prompts, load, max_new_tokens, batch_size)
+    say(f"generating edited responses ({edited})")
+    edited_out = _responses(edited, prompts, load, max_new_tokens, batch_size)
+    rows, base_refused, edited_refused = [], 0, 0
+    for prompt, rejected, chosen in zip(prompts, base_out, edited_out, strict=True):
+        b, e = classify(rejected, markers) is not None, classify(chosen, markers) is not None
+        base_refused, edited_refused = base_refused + b, edited_refused + e
+        if b and not e:
+            rows.append({"prompt": prompt, "chosen": chosen.strip(), "rejected": rejected.strip()})
+    stats = {"prompts": len(prompts), "base_refused": base_refused, "edited_refused": edited_refused,
+             "pairs": len(rows)}
+    if not rows:
+        raise UserError(
+            f"no pairs: of {len(prompts)} prompts the base refused {base_refused} and the edited model "
+            f"{edited_refused}; a pair needs a base refusal and an edited answer to the same prompt"
+        )
+    return rows, stats
+
+
+def pairs(
+    base: str,
+    edited: str,
+    prompts_spec: str | None,
+    out: Path,
+    load=None,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    max_prompts: int | None = None,
+    split: str = "train",
+    column: str | None = None,
+    markers_file: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The `pairs` command: prompts from a spec (its measurement part), pairs written as JSONL."""
+    from pipeline.evaluate import load_markers
+    from pipeline.loading import is_demo
+    from pipeline.prompts import load_prompts
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists: pass --overwrite to replace it, or choose another --out")
+    spec = prompts_spec or ("demo-harmful" if is_demo(base) else "censored")
+    prompts = list(load_prompts(spec, split=split, column=column).prompts)[:max_prompts]
+    markers = load_markers(markers_file) if markers_file else None
+    rows, stats = make_pairs(base, edited, prompts, load, max_new_tokens, batch_size, markers, progress)
+    write_jsonl(rows, out, overwrite=overwrite)
+    return {**stats, "out": str(out), "prompts_source": spec}

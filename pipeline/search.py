@@ -1,0 +1,450 @@
+"""Automatic search over edit parameters: Optuna multi-objective TPE on (refusal rate, KL divergence).
+
+The model is loaded and the directions measured once. Each trial samples an edit (direction layer as
+a fraction of depth or per-layer directions, method, a kernel per component), applies it to the loaded
+weights in place, evaluates it on the evaluation prompts (disjoint from the measurement prompts) against
+one base reference, and restores the residual-writing tensors from a copy taken once: a trial costs
+one evaluation, never a load. The study lives in an Optuna journal file, so re-running continues it.
+At the end the Pareto front is reported (table, `pareto.png`, `search.json`) and one trial is chosen:
+the lowest KL among trials whose refusal rate is at most ``target`` × the base rate, else the lowest
+refusal (ties by KL). The chosen edit is saved as the output model like a plain abliteration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline import directions as dirs
+from pipeline import stages
+from pipeline.abliterate import EditConfig, apply_in_memory
+from pipeline.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.errors import UserError
+from pipeline.evaluate import EvalConfig, classify, evaluate, markers_for, reference, require_base_refusals
+from pipeline.kernels import PRESETS, ComponentKernel
+from pipeline.loading import Loaded, load_model
+from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.run import AbliterateJob
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+STUDY_NAME = "abliterate"
+SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
+METHODS = ("standard", "projected", "norm-preserving")
+LAYER_RANGE = (0.1, 0.9)  # direction layer, as a fraction of depth
+KERNEL_SPACE = {  # kind -> ComponentKernel field -> (low, high, log scale)
+    "gaussian": {"strength": (0.3, 1.5, False), "peak": (0.0, 1.0, False), "width": (0.1, 2.0, True)},
+    "tent": {"max_weight": (0.3, 1.5, False), "position": (0.0, 1.0, False), "min_weight": (0.0, 1.0, False),
+             "distance": (0.1, 1.0, False)},
+}
+
+
+class SearchConfig(BaseModel):
+    """Automatic search (--auto): Optuna over the edit parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trials: int = Field(40, ge=1, description="Trials to run now; they add to those already in the study.")
+    study: Path | None = Field(None, description="Optuna journal file holding the study; re-running with it "
+                               "continues the study (default: <out>.study.journal).")
+    target: float = Field(0.1, gt=0, le=1, description="Refusal target as a fraction of the base model's "
+                          "refusal rate: the lowest-KL trial at or below it is chosen.")
+    search_max_kl: float | None = Field(
+        None, gt=0, description="Never choose a trial whose KL divergence exceeds this (when any stays below).")
+    search_seed: int = Field(0, description="Seed of the Optuna sampler.")
+    search_method: bool = Field(
+        True, description="Search the method (standard, projected, norm-preserving); else keep --method.")
+    allow_mlp_off: bool = Field(True, description="Let the search switch the MLP edit off.")
+    search_per_layer: bool = Field(
+        False, description="Also try each layer's own direction (per-layer) instead of one direction.")
+    start_from_default: bool = Field(
+        True, description="Make the first trial of a new study the plain edit (--method, --preset, layer best).")
+
+
+@dataclass(frozen=True)
+class Scored:  # one completed trial
+    number: int
+    refusal: float
+    kl: float
+    params: dict[str, Any]
+    layer: dict[str, Any]
+
+
+def _suggest_kernel(trial: Any, comp: str, allow_off: bool) -> None:
+    kind = trial.suggest_categorical(f"{comp}.kind", [*KERNEL_SPACE, "off"] if allow_off else [*KERNEL_SPACE])
+    for name, (low, high, log_scale) in KERNEL_SPACE.get(kind, {}).items():
+        trial.suggest_float(f"{comp}.{name}", low, high, log=log_scale)
+
+
+def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
+    """Sample one point of the search space into ``trial``; returns its parameters."""
+    if cfg.search_method:
+        trial.suggest_categorical("method", list(METHODS))
+    per_layer = base.per_layer
+    if cfg.search_per_layer:
+        per_layer = trial.suggest_categorical("directions", ["single", "per-layer"]) == "per-layer"
+    if not per_layer:
+        trial.suggest_float("layer", *LAYER_RANGE, step=0.01)
+    _suggest_kernel(trial, "attn", False)
+    _suggest_kernel(trial, "mlp", cfg.allow_mlp_off)
+    return dict(trial.params)
+
+
+def to_edit(params: dict[str, Any], base: EditConfig) -> tuple[EditConfig, str]:
+    """The edit and layer spec of a trial's parameters (unsearched settings come from ``base``)."""
+    per_layer = params.get("directions", "per-layer" if base.per_layer else "single") == "per-layer"
+    kernels = {
+        comp: ComponentKernel(**{k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(comp + ".")})
+        for comp in ("attn", "mlp")
+    }
+    edit = EditConfig(method=params.get("method", base.method), preset=None, **kernels,
+                      embed_strength=base.embed_strength, per_layer=per_layer)
+    return edit, "per-layer" if per_layer else f"{params['layer']:.2f}"
+
+
+def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool) -> dict[str, Any]:
+    if kernel.kind == "off" and not allow_off:
+        kernel = PRESETS["standard"][comp]
+    out: dict[str, Any] = {f"{comp}.kind": kernel.kind}
+    for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items():
+        out[f"{comp}.{name}"] = min(high, max(low, getattr(kernel, name)))
+    return out
+
+
+def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
+    """Search-space parameters of a plain edit at the suggested layer (the first trial of a new study)."""
+    params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
+    if cfg.search_per_layer:
+        params["directions"] = "per-layer" if edit.per_layer else "single"
+    if not edit.per_layer:
+        fraction = d.suggested_layer / max(1, d.num_layers - 1)
+        params["layer"] = round(min(LAYER_RANGE[1], max(LAYER_RANGE[0], fraction)), 2)
+    params |= _kernel_params("attn", edit.attn, False) | _kernel_params("mlp", edit.mlp, cfg.allow_mlp_off)
+    return params
+
+
+class Workbench:
+    """The loaded model with one base reference; edits are applied in place and reverted exactly."""
+
+    def __init__(self, loaded: Loaded, d: dirs.Directions, harmful: tuple[str, ...], harmless: tuple[str, ...],
+                 eval_cfg: EvalConfig, ref: Any, embed: bool = False) -> None:
+        self.model, self.tokenizer, self.d, self.ref = loaded.model, loaded.tokenizer, d, ref
+        self.harmful, self.harmless, self.eval_cfg = harmful, harmless, eval_cfg
+        self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
+        self.markers = markers_for(eval_cfg)
+        require_base_refusals(ref, self.markers)
+        if not harmless:
+            raise UserError("the search needs harmless evaluation prompts to measure the KL divergence")
+        self.base_rate = sum(classify(r, self.markers) is not None for r in ref.responses) / len(ref.responses)
+        config = self.model.config
+        self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
+        params = dict(self.model.named_parameters())
+        writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
+        self.params = {m.name: params[m.name] for m in writers}
+        self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Whatever happens to the writers inside, they hold the base weights (bit for bit) afterwards."""
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(self.saved[name])
+
+    def run(self, edit: EditConfig, spec: str, cfg: EvalConfig | None = None) -> tuple[dict, dict]:
+        """Evaluate one edit (in place, reverted afterwards): (eval results, layer info)."""
+        direction, layer = stages.chosen_direction(self.d, spec, edit)
+        with self.restoring():
+            apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
+            results = evaluate(self.model, self.tokenizer, self.harmful, self.harmless, cfg or self.trial_cfg,
+                               base=self.ref, markers=self.markers)
+        return results, layer
+
+
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def study_file(out: Path, cfg: SearchConfig) -> Path:
+    return Path(cfg.study) if cfg.study else Path(out).with_name(Path(out).name + ".study.journal")
+
+
+def open_study(path: Path, cfg: SearchConfig, context: dict[str, Any] | None = None) -> Any:
+    """Create or continue the study in the journal file ``path``; ``context`` must match a resumed one."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(path)))
+        existing = optuna.study.get_all_study_names(storage)
+        done = len(storage.get_all_trials(storage.get_study_id_from_name(STUDY_NAME))) if STUDY_NAME in existing else 0
+        sampler = optuna.samplers.TPESampler(seed=cfg.search_seed + done, multivariate=True, group=True,
+                                             n_startup_trials=max(4, min(10, (done + cfg.trials) // 4)))
+        study = optuna.create_study(storage=storage, sampler=sampler, study_name=STUDY_NAME, load_if_exists=True,
+                                    directions=["minimize", "minimize"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(f"cannot read study file '{path}' ({type(exc).__name__}: {reason}): "
+                        "delete it or choose another --study") from exc
+    _check_context(study, path, context or {})
+    return study
+
+
+def _check_context(study: Any, path: Path, context: dict[str, Any]) -> None:
+    context, old = json.loads(json.dumps(context, default=str)), study.user_attrs.get("context")
+    if old is None:
+        return study.set_user_attr("context", context)
+    changed = sorted(k for k in set(old) | set(context) if old.get(k) != context.get(k))
+    if changed:
+        raise UserError(f"study file '{path}' was made with other {', '.join(changed)}: its scores do not compare; "
+                        "choose another --study")
+
+
+def _check_trials(trials: int) -> None:
+    if trials < 1:  # SearchConfig refuses it too; this guards direct calls
+        raise UserError(f"--trials must be at least 1, got {trials}")
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+_SHAPES = {"gaussian": ("gauss", "strength", "peak", "width"), "tent": ("tent", "max_weight", "position", "distance")}
+
+
+def describe(params: dict[str, Any]) -> str:
+    """A short description of a trial's edit: method, direction, kernel per component (weight@position±reach)."""
+    parts = [params["method"]] if "method" in params else []
+    parts.append(f"layer {params['layer']:.2f}" if "layer" in params else "per-layer")
+    for comp in ("attn", "mlp"):
+        kind = params[f"{comp}.kind"]
+        if kind == "off":
+            parts.append(f"{comp} off")
+            continue
+        label, *names = _SHAPES[kind]
+        w, at, reach = (params[f"{comp}.{n}"] for n in names)
+        floor = f">{params[f'{comp}.min_weight']:.2f}" if kind == "tent" else ""
+        parts.append(f"{comp} {label} {w:.2f}@{at:.2f}±{reach:.2f}{floor}")
+    return ", ".join(parts)
+
+
+def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig,
+               progress: Progress | None = print) -> list[Scored]:
+    """Run ``cfg.trials`` trials; each is told to the study as soon as it ends. Returns this run's trials."""
+    from optuna.trial import TrialState
+
+    _check_trials(cfg.trials)
+    start, done = time.monotonic(), []
+    for i in range(cfg.trials):
+        trial, began = study.ask(), time.monotonic()
+        try:
+            params = suggest(trial, cfg, base)
+            results, layer = bench.run(*to_edit(params, base))
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        refusal, kl = results["refusal_rate"]["model"], results["kl_divergence"]
+        trial.set_user_attr("layer", layer)
+        trial.set_user_attr("refusals", results["refusals"]["model"])
+        trial.set_user_attr("seconds", round(time.monotonic() - began, 3))
+        study.tell(trial, [refusal, kl])
+        done.append(Scored(trial.number, refusal, kl, params, layer))
+        elapsed = time.monotonic() - start
+        eta = elapsed / (i + 1) * (cfg.trials - i - 1)
+        if progress:
+            progress(f"trial {trial.number} [{i + 1}/{cfg.trials}]: refusal {refusal:.1%}, KL {kl:.4f} "
+                     f"({describe(params)}) | {_fmt_time(elapsed)} elapsed, ~{_fmt_time(eta)} left")
+    return done
+
+
+def completed(study: Any) -> list[Scored]:
+    from optuna.trial import TrialState
+
+    return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("layer", {}))
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def pareto_front(trials: list[Scored]) -> list[Scored]:
+    """Trials that no other trial beats on both refusal and KL (sorted by refusal)."""
+    def dominated(t: Scored) -> bool:
+        return any(u.refusal <= t.refusal and u.kl <= t.kl and (u.refusal < t.refusal or u.kl < t.kl)
+                   for u in trials)
+
+    return sorted((t for t in trials if not dominated(t)), key=lambda t: (t.refusal, t.kl, t.number))
+
+
+def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None) -> tuple[Scored, str]:
+    """The chosen trial and the rule that chose it, in words."""
+    if not trials:
+        raise UserError("the study holds no completed trial to choose from: run more --trials")
+    pool = [t for t in trials if max_kl is None or t.kl <= max_kl] or trials
+    kl_note = f" and KL ≤ {max_kl:g}" if max_kl is not None and len(pool) < len(trials) else ""
+    limit = target * base_rate
+    ok = [t for t in pool if t.refusal <= limit + 1e-9]
+    if ok:
+        best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
+        rule = f"lowest KL among {len(ok)} trials with refusal ≤ {limit:.1%} ({target:g} × base {base_rate:.1%})"
+        return best, rule + kl_note
+    best = min(pool, key=lambda t: (t.refusal, t.kl, t.number))
+    if best.refusal >= base_rate:
+        raise UserError(f"none of the {len(trials)} trials lowered the refusal rate below the base's "
+                        f"{base_rate:.1%}: run more --trials (the study continues where it stopped)")
+    return best, f"no trial reached refusal ≤ {limit:.1%}: lowest refusal (ties by KL)" + kl_note
+
+
+def front_table(front: list[Scored], chosen: int | None = None) -> str:
+    lines = ["| trial | refusal | KL | edit |", "|---|---|---|---|"]
+    for t in front:
+        mark = " (chosen)" if t.number == chosen else ""
+        lines.append(f"| {t.number}{mark} | {t.refusal:.1%} | {t.kl:.4f} | {describe(t.params)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(trials: list[Scored], front: list[Scored], chosen: Scored, limit: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for group, style in ((trials, {"s": 18, "color": "tab:gray", "alpha": 0.6, "label": "trials"}),
+                         (front, {"s": 30, "color": "tab:blue", "label": "Pareto front"})):
+        ax.scatter([100 * t.refusal for t in group], [t.kl for t in group], **style)
+    ax.plot([100 * t.refusal for t in front], [t.kl for t in front], color="tab:blue", drawstyle="steps-post")
+    ax.scatter([100 * chosen.refusal], [chosen.kl], marker="*", s=250, color="tab:red", zorder=5,
+               label=f"chosen (trial {chosen.number})")
+    ax.axvline(100 * limit, color="tab:green", linestyle="--", label=f"refusal target {limit:.1%}")
+    if all(t.kl > 0 for t in trials) and max(t.kl for t in trials) > 100 * min(t.kl for t in trials):
+        ax.set_yscale("log")
+    ax.set(xlabel="refusal rate on evaluation prompts (%)", ylabel="KL divergence (harmless, first token)",
+           title="Automatic search: refusal vs damage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class Outcome:
+    trials: list[Scored]
+    front: list[Scored]
+    chosen: Scored
+    rule: str
+    limit: float
+
+    def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
+        return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number,
+                "rule": self.rule, "target": cfg.target, "base_refusal_rate": base_rate,
+                "refusal_limit": self.limit, "max_kl": cfg.search_max_kl,
+                "pareto_front": [asdict(t) for t in self.front]}
+
+
+def outcome(study: Any, base_rate: float, cfg: SearchConfig) -> Outcome:
+    trials = completed(study)
+    chosen, rule = choose(trials, base_rate, cfg.target, cfg.search_max_kl)
+    return Outcome(trials, pareto_front(trials), chosen, rule, cfg.target * base_rate)
+
+
+def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: dirs.Directions | None,
+             say: Progress) -> tuple[Any, Workbench, stages.Prompts, Path]:
+    """Prompts, study (checked early), model, directions, base reference: everything the trials need."""
+    if job.streaming:
+        raise UserError("--auto edits the loaded model in memory: leave out --streaming")
+    if not job.evaluate:
+        raise UserError("--auto scores every trial by evaluation: leave out --no-eval")
+    _check_trials(cfg.trials)
+    check_target(job.out, job.overwrite)
+    eval_cfg = job.eval or EvalConfig()
+    prompts = stages.resolve_prompts(job.model, job.prompts)
+    path = study_file(job.out, cfg)
+    context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
+               "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured")}
+    study = open_study(path, cfg, context)
+    if loaded is None:
+        say(f"loading {job.model}")
+        loaded = load_model(job.model, job.load)
+    if d is None and job.directions_file:
+        d = dirs.load(job.directions_file)
+    elif d is None:
+        say("measuring refusal directions")
+        d = stages.measure_directions(loaded, prompts, job.measure)
+    say("evaluating the base model")
+    harmful, harmless = tuple(prompts.harmful.evaluate), tuple(prompts.harmless.evaluate)
+    ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, eval_cfg, model_id=job.model)
+    bench = Workbench(loaded, d, harmful, harmless, eval_cfg, ref, embed=job.edit.embed_strength > 0)
+    return study, bench, prompts, path
+
+
+def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = print,
+           loaded: Loaded | None = None, directions: dirs.Directions | None = None) -> dict[str, Any]:
+    """Search edits for ``job`` (its edit gives the unsearched settings), save the chosen one into
+    ``job.out``. A ``loaded`` model is reused and left with its original weights."""
+    say = progress or log.info
+    with quiet_optuna():
+        study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
+        if cfg.start_from_default and not study.trials:
+            study.enqueue_trial(from_edit(job.edit, bench.d, cfg))
+        say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
+            f"base refusal rate {bench.base_rate:.1%}")
+        run_trials(study, bench, cfg, job.edit, progress)
+        result = outcome(study, bench.base_rate, cfg)
+    say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
+    say(f"chosen: trial {result.chosen.number} ({result.rule})")
+    return _save(job, cfg, bench, prompts, result, path, say)
+
+
+def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
+          path: Path, say: Progress) -> dict[str, Any]:
+    edit, spec = to_edit(result.chosen.params, job.edit)
+    direction, layer = stages.chosen_direction(bench.d, spec, edit)
+    plan = stages.strength_plan(edit, bench.num_layers)
+    summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": str(path)}
+    sources = {"harmful": {"source": prompts.harmful.source, "split": "eval"},
+               "harmless": {"source": prompts.harmless.source, "split": "eval"}}
+    with staged_folder(job.out, job.overwrite) as tmp, bench.restoring():
+        say("saving the chosen edit")
+        changed = stages.edit_and_save_in_memory(Loaded(bench.model, bench.tokenizer, job.model, None), direction,
+                                                 edit, tmp)
+        dirs.save(bench.d, tmp)
+        stages.plot_strengths(plan, tmp / "strengths.png")
+        rec = stages.recipe(job.model, job.load, edit, layer, prompts, plan) | {"search": summary}
+        rec = write_recipe(tmp, rec)
+        say("evaluating the chosen edit")
+        results = evaluate(bench.model, bench.tokenizer, bench.harmful, bench.harmless, bench.eval_cfg,
+                           base=bench.ref, model_id=str(job.out), base_id=job.model, prompt_sources=sources,
+                           markers=bench.markers)
+        write_json(tmp / EVAL_FILE, results)
+        report = {**summary, "config": cfg.model_dump(mode="json"), "trials_all": [asdict(t) for t in result.trials],
+                  "table": front_table(result.front, result.chosen.number)}
+        write_json(tmp / SEARCH_FILE, report)
+        plot_pareto(result.trials, result.front, result.chosen, result.limit, tmp / PARETO_PNG)
+    say(f"wrote {job.out}")
+    return {"out": str(job.out), "changed_tensors": changed, "layer": layer, "recipe": rec, "eval": results,
+            "search": summary}

@@ -1,0 +1,104 @@
+"""Who the user is and which token a job may use.
+
+On a Space (``SYSTEM=spaces``) the only token is the signed-in user's OAuth token: the
+Space's own ``HF_TOKEN`` belongs to its owner and is never used for a user's job. Locally,
+the token comes from the token field, else from ``HF_TOKEN`` or the saved login. Tokens are
+passed to the job that needs them and kept nowhere else.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = {"abliterate": "abliterated", "auto": "abliterated", "dpo": "dpo", "steer": "steered"}
+SUGGEST_TIMEOUT_S = 3.0
+_SAFE = re.compile(r"[^\w.-]+")
+
+
+def on_spaces() -> bool:
+    """True when running on a Hugging Face Space (the Hub sets SYSTEM=spaces)."""
+    return os.environ.get("SYSTEM") == "spaces"
+
+
+def _token_value(oauth_token: Any) -> str | None:
+    value = getattr(oauth_token, "token", oauth_token)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def resolve_token(oauth_token: Any = None, field_token: str | None = None) -> str | None:
+    """The token for this user's job: OAuth, else the token field, else (locally only) HF_TOKEN/login."""
+    token = _token_value(oauth_token) or _token_value(field_token)
+    if token or on_spaces():
+        return token
+    from huggingface_hub import get_token
+
+    return get_token() or None
+
+
+def user_name(token: str | None) -> str | None:
+    """The Hub user name of a token, or None (no token, bad token, Hub unreachable)."""
+    if not token:
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(token=token).whoami().get("name") or None
+    except Exception:  # noqa: BLE001 - unknown user: the repo field stays for the user to fill
+        log.info("could not look up the Hub user of the given token")
+        return None
+
+
+def model_name(model_id: str) -> str:
+    """The last path part of a model id or folder, safe for a repo name."""
+    name = Path((model_id or "demo").strip().rstrip("/")).name or "model"
+    return _SAFE.sub("-", name).strip("-.") or "model"
+
+
+def default_repo(user: str | None, model_id: str, method: str = "abliterate") -> str:
+    """`{user}/{model}-abliterated` (or -dpo / -steered), empty when the user is unknown."""
+    if not user:
+        return ""
+    return f"{user}/{model_name(model_id)}-{SUFFIXES.get(method, 'abliterated')}"
+
+
+def is_default_repo(repo_id: str | None, model_id: str | None = None) -> bool:
+    """True for an empty repo field or one still holding a default we filled in (any model/method)."""
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        return True
+    name = repo_id.split("/")[-1]
+    return any(name.endswith(f"-{s}") for s in SUFFIXES.values()) and (
+        model_id is None or name.startswith(model_name(model_id) + "-")
+    )
+
+
+def _search(query: str, limit: int) -> list[str]:
+    from huggingface_hub import HfApi
+
+    models = HfApi().list_models(search=query, limit=limit, sort="downloads", pipeline_tag="text-generation")
+    return [m.id for m in models]
+
+
+def suggest_models(query: str, limit: int = 10) -> list[str]:
+    """Hub model ids matching `query` (with `demo` first); an offline Hub gives just `demo`."""
+    query = (query or "").strip()
+    found: list[str] = []
+    if len(query) >= 2 and query != "demo":
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            found = pool.submit(_search, query, limit).result(timeout=SUGGEST_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - suggestions are optional: offline, timeout, Hub error
+            found = []
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    choices = ["demo"] + [m for m in found if m != "demo"]
+    if query and query not in choices:
+        choices.insert(1, query)
+    return choices

@@ -1,0 +1,240 @@
+"""Automatic search on the demo model: reaches the target, restores weights, resumes, refuses bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pipeline import directions as dirs
+from pipeline import search as se
+from pipeline.abliterate import EditConfig, strengths
+from pipeline.errors import UserError
+from pipeline.evaluate import EvalConfig, reference
+from pipeline.run import AbliterateJob
+from pipeline.search import Scored, SearchConfig, choose, pareto_front, search
+
+FAST = EvalConfig(max_new_tokens=16)
+TRIALS = 8
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(model, snapshot: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert state.keys() == snapshot.keys()
+    changed = [k for k in state if not torch.equal(state[k], snapshot[k])]
+    assert not changed, changed[:5]
+
+
+@pytest.fixture(scope="module")
+def demo_d(demo_dirs):
+    return dirs.load(demo_dirs)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, demo_loaded, demo_d):
+    """One search of TRIALS trials, then the same study continued by 2 more (into another folder)."""
+    root = tmp_path_factory.mktemp("search")
+    study = root / "demo.study.journal"
+    before = _snapshot(demo_loaded.model)
+    lines: list[str] = []
+    job = AbliterateJob(model="demo", out=root / "first", eval=FAST)
+    first = search(job, SearchConfig(trials=TRIALS, study=study), lines.append, demo_loaded, demo_d)
+    weights_after_first = _snapshot(demo_loaded.model)
+    job2 = AbliterateJob(model="demo", out=root / "second", eval=FAST.model_copy(update={"perplexity": False}))
+    second = search(job2, SearchConfig(trials=2, study=study), lines.append, demo_loaded, demo_d)
+    return {"root": root, "first": first, "second": second, "lines": lines, "before": before,
+            "after_first": weights_after_first}
+
+
+def test_small_budget_reaches_target_on_held_out_prompts(searched):
+    first = searched["first"]
+    results = json.loads((searched["root"] / "first" / "eval_results.json").read_text())
+    assert results["num_prompts"]["harmful"] == 80  # the held-out evaluation part of demo-harmful
+    assert results["prompt_sources"]["harmful"]["split"] == "eval"
+    assert results["refusal_rate"]["base"] >= 0.9
+    assert results["refusal_rate"]["model"] <= 0.1
+    assert results["kl_divergence"] <= 0.1
+    assert results["perplexity"]["model"] is not None
+    # The saved model's evaluation is the chosen trial's score (same edit, greedy, same prompts).
+    chosen = next(t for t in first["search"]["pareto_front"] if t["number"] == first["search"]["chosen_trial"])
+    assert results["refusal_rate"]["model"] == pytest.approx(chosen["refusal"])
+    assert results["kl_divergence"] == pytest.approx(chosen["kl"], rel=1e-6, abs=1e-9)
+
+
+def test_weights_are_restored_exactly_after_the_search(searched, demo_loaded):
+    _assert_same_weights(demo_loaded.model, searched["before"])
+    for name, tensor in searched["after_first"].items():
+        assert torch.equal(tensor, searched["before"][name]), name
+
+
+def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
+    from transformers import AutoModelForCausalLM
+
+    out, first = searched["root"] / "first", searched["first"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.json", "eval_results.json",
+                 "search.json", "pareto.png", "strengths.png", "directions.safetensors"):
+        assert (out / name).exists(), name
+    recipe = json.loads((out / "recipe.json").read_text())
+    report = json.loads((out / "search.json").read_text())
+    assert recipe["search"]["chosen_trial"] == report["chosen_trial"] == first["search"]["chosen_trial"]
+    assert recipe["search"]["trials"] == TRIALS and len(report["trials_all"]) == TRIALS
+    assert recipe["kind"] == "abliterated" and recipe["method"] in se.METHODS
+    chosen = next(t for t in report["trials_all"] if t["number"] == report["chosen_trial"])
+    edit, spec = se.to_edit(chosen["params"], EditConfig())
+    assert recipe["parameters"] == edit.model_dump(mode="json")
+    assert recipe["layer"]["spec"] == spec
+    assert recipe["strengths"] == json.loads(json.dumps(strengths(edit, 6)))
+    front = {t["number"] for t in report["pareto_front"]}
+    assert report["chosen_trial"] in front and "| trial |" in report["table"]
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    assert edited.config.num_hidden_layers == 6
+
+
+def test_progress_has_one_line_per_trial_with_scores_and_eta(searched):
+    lines = [line for line in searched["lines"] if line.startswith("trial ")]
+    assert len(lines) == TRIALS + 2
+    assert all("refusal" in line and "KL" in line and "elapsed" in line and "left" in line for line in lines)
+    assert any(line.startswith("Pareto front:") for line in searched["lines"])
+
+
+def test_resumed_study_continues(searched):
+    old = json.loads((searched["root"] / "first" / "search.json").read_text())["trials_all"]
+    new = json.loads((searched["root"] / "second" / "search.json").read_text())["trials_all"]
+    numbers = [t["number"] for t in new]
+    assert len(new) == TRIALS + 2 and sorted(numbers) == list(range(TRIALS + 2))  # grew by --trials, no repeat
+    by_number = {t["number"]: t for t in new}
+    for trial in old:  # earlier trials are kept as they were
+        assert by_number[trial["number"]]["params"] == trial["params"]
+        assert by_number[trial["number"]]["refusal"] == trial["refusal"]
+    old_params = [t["params"] for t in old]
+    assert all(by_number[n]["params"] not in old_params for n in (TRIALS, TRIALS + 1))
+    assert searched["second"]["search"]["trials"] == TRIALS + 2
+
+
+def test_workbench_restores_weights_even_when_evaluation_fails(demo_loaded, demo_prompts, demo_d, monkeypatch):
+    harmful, harmless = demo_prompts.harmful.evaluate[:4], demo_prompts.harmless.evaluate[:4]
+    cfg = EvalConfig(max_new_tokens=4, perplexity=False)
+    ref = reference(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg)
+    before = _snapshot(demo_loaded.model)
+    bench = se.Workbench(demo_loaded, demo_d, harmful, harmless, cfg, ref)
+    edits = [
+        (EditConfig(method="norm-preserving", mlp={"kind": "off"}), "0.55"),
+        (EditConfig(method="projected", per_layer=True, preset="aggressive"), "per-layer"),
+    ]
+    for edit, spec in edits:
+        results, layer = bench.run(edit, spec)
+        assert results["kl_divergence"] > 0 and layer["spec"] == spec
+        _assert_same_weights(demo_loaded.model, before)
+
+    def boom(*args, **kwargs):
+        assert not torch.equal(demo_loaded.model.state_dict()["model.layers.2.self_attn.o_proj.weight"],
+                               before["model.layers.2.self_attn.o_proj.weight"])  # the edit is in place
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(se, "evaluate", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.run(EditConfig(), "0.4")
+    _assert_same_weights(demo_loaded.model, before)
+
+
+def test_first_trial_of_a_new_study_is_the_plain_edit(demo_d):
+    cfg = SearchConfig(search_per_layer=True)
+    params = se.from_edit(EditConfig(), demo_d, cfg)
+    edit, spec = se.to_edit(params, EditConfig())
+    assert strengths(edit, 6) == pytest.approx(strengths(EditConfig(), 6))
+    assert edit.method == "standard" and not edit.per_layer
+    assert float(spec) == pytest.approx(demo_d.suggested_layer / 5, abs=0.005)
+    per_layer, spec = se.to_edit(se.from_edit(EditConfig(per_layer=True), demo_d, cfg), EditConfig())
+    assert per_layer.per_layer and spec == "per-layer"
+
+
+def _s(number: int, refusal: float, kl: float) -> Scored:
+    return Scored(number, refusal, kl, {}, {})
+
+
+def test_choice_rule_and_pareto_front():
+    trials = [_s(0, 0.025, 0.02), _s(1, 0.0, 0.05), _s(2, 0.08, 0.01), _s(3, 0.5, 0.001), _s(4, 0.6, 0.03)]
+    assert [t.number for t in pareto_front(trials)] == [1, 0, 2, 3]
+    best, rule = choose(trials, base_rate=1.0, target=0.1)
+    assert best.number == 2 and "lowest KL" in rule  # lowest KL among refusal <= 10%
+    best, _ = choose(trials, base_rate=1.0, target=0.01)
+    assert best.number == 1  # none at <= 1%: the lowest refusal
+    best, _ = choose([_s(0, 0.3, 0.2), _s(1, 0.3, 0.1), _s(2, 0.5, 0.0)], base_rate=1.0, target=0.1)
+    assert best.number == 1  # ties on refusal go to the lower KL
+    best, rule = choose(trials, base_rate=1.0, target=0.1, max_kl=0.005)
+    assert best.number == 3 and "KL ≤ 0.005" in rule
+    with pytest.raises(UserError, match="none of the 2 trials lowered"):
+        choose([_s(0, 1.0, 0.0), _s(1, 1.0, 0.1)], base_rate=1.0, target=0.1)
+
+
+@pytest.mark.parametrize("trials", [0, -1])
+def test_zero_or_negative_trials(tmp_path, trials):
+    with pytest.raises(ValidationError):
+        SearchConfig(trials=trials)
+    from pipeline.cli_config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, SearchConfig)
+    with pytest.raises(UserError, match="--trials"):
+        config_from_args(SearchConfig, parser.parse_args(["--trials", str(trials)]))
+    with pytest.raises(UserError, match="at least 1"):  # direct calls are checked too, before any loading
+        search(AbliterateJob(model="demo", out=tmp_path / "o"), SearchConfig.model_construct(trials=trials))
+
+
+def test_search_flags_do_not_collide_with_abliterate_flags():
+    from pipeline.cli_config import add_config_args
+    from pipeline.directions import DirectionsConfig
+    from pipeline.loading import LoadConfig
+    from pipeline.stages import PromptsConfig
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out"), parser.add_argument("--layer"), parser.add_argument("--directions")
+    for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig, SearchConfig):
+        add_config_args(parser, cls)
+    add_config_args(parser, EvalConfig, prefix="eval-")
+    ns = parser.parse_args(["--trials", "3", "--study", "s.journal", "--no-search-method", "--seed", "1"])
+    assert ns.trials == 3 and ns.search_method is False and ns.seed == 1
+
+
+@pytest.mark.parametrize("content", [os.urandom(256), b"not a journal\n{\"op_code\": 99}\n"])
+def test_unreadable_study_file(tmp_path, content):
+    study = tmp_path / "bad.journal"
+    study.write_bytes(b"\xff\xfe" + content)
+    job = AbliterateJob(model="demo", out=tmp_path / "out")
+    with pytest.raises(UserError, match="cannot read study file") as info:
+        search(job, SearchConfig(trials=1, study=study))
+    assert "\n" not in str(info.value) and str(study) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_of_another_model_or_prompts_is_refused(tmp_path):
+    path = tmp_path / "s.journal"
+    with se.quiet_optuna():
+        se.open_study(path, SearchConfig(), {"model": "demo", "max_new_tokens": 16})
+        se.open_study(path, SearchConfig(), {"model": "demo", "max_new_tokens": 16})  # same context: fine
+        with pytest.raises(UserError, match="other max_new_tokens, model"):
+            se.open_study(path, SearchConfig(), {"model": "other", "max_new_tokens": 64})
+
+
+def test_base_that_refuses_nothing(tmp_path, demo_loaded, demo_d):
+    from pipeline.stages import PromptsConfig
+
+    job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=PromptsConfig(harmful="demo-harmless"),
+                        eval=EvalConfig(max_new_tokens=8, perplexity=False))
+    with pytest.raises(UserError, match="nothing to remove"):
+        search(job, SearchConfig(trials=1), None, demo_loaded, demo_d)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("change", "needle"), [({"streaming": True}, "--streaming"), ({"evaluate": False}, "--no-eval")])
+def test_incompatible_job_settings(tmp_path, change, needle):
+    with pytest.raises(UserError, match=needle):
+        search(AbliterateJob(model="demo", out=tmp_path / "o", **change), SearchConfig(trials=1))
