@@ -305,10 +305,11 @@ def verify(src: Path, dst: Path, direction, num_layers: int, model_type: str, pe
     # One edited o_proj: rᵀW' must equal (1 - s) rᵀW up to rounding to the stored dtype.
     layer = num_layers // 2
     name = f"model.layers.{layer}.self_attn.o_proj.weight"
-    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
-    with safe_open(str(src / index[name]), framework="pt") as f:
+    index_file = src / "model.safetensors.index.json"
+    shard = json.loads(index_file.read_text())["weight_map"][name] if index_file.exists() else "model.safetensors"
+    with safe_open(str(src / shard), framework="pt") as f:
         w = f.get_tensor(name)
-    with safe_open(str(dst / index[name]), framework="pt") as f:
+    with safe_open(str(dst / shard), framework="pt") as f:
         w_new = f.get_tensor(name)
     s = plan["attn"][layer]
     r = direction.to(torch.float64)

@@ -229,17 +229,19 @@ def cmd_run(args) -> int:
         jobs = load_jobs(args.recipe)
     elif args.model:
         fixed = {"model", "recipe", "repo_id", "method", "out", "private", "no_push", "func", "command", "verbose"}
-        jobs = [
-            RunJob(
-                model=args.model,
-                repo_id=args.repo_id,
-                method=args.method,
-                out=args.out,
-                private=args.private,
-                push=not args.no_push,
-                options=_given_options(args, fixed),
-            )
-        ]
+        options = _given_options(args, fixed | {"edit_method"})
+        if args.edit_method:
+            options["method"] = args.edit_method
+        job = RunJob(
+            model=args.model,
+            repo_id=args.repo_id,
+            method=args.method,
+            out=args.out,
+            private=args.private,
+            push=not args.no_push,
+            options=options,
+        )
+        jobs = [job]
     else:
         raise UserError("give a MODEL or --recipe jobs.yaml")
     return run_jobs(jobs, progress=print)

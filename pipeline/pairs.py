@@ -1,8 +1,10 @@
 """Training data for tuning and steering: preference pairs and prompt/completion sets.
 
 A data spec is resolved in this order:
-1. a built-in set made from the demo model's topics: ``demo-pairs`` (prompt/chosen/rejected:
-   fact chosen, refusal rejected), ``demo-refusals`` and ``demo-answers`` (prompt/completion);
+1. a built-in set made from the demo model's measurement prompts: ``demo-pairs`` (its refused
+   topics as prompt/chosen/rejected: fact chosen, refusal rejected), ``demo-refusals`` and
+   ``demo-answers`` (prompt/completion: every prompt, refused and answered topics, with a
+   refusal / with its fact: the contrastive sets for steering);
 2. a local ``.jsonl`` (one JSON object per line) or ``.json`` (a list of objects) file;
 3. ``owner/name``: a Hub dataset, loaded with ``datasets.load_dataset``.
 
@@ -56,26 +58,31 @@ class TrainingData:
 # ---------------------------------------------------------------- built-in sets
 
 
-def _demo_rows() -> list[dict[str, str]]:
-    """Harmful measurement prompts of the demo with the fact it knows and the refusal it was taught."""
+def _demo_rows(harmless: bool = False) -> list[dict[str, str]]:
+    """Demo measurement prompts with the fact the model knows and the refusal it was taught.
+
+    Refused topics only by default; with ``harmless``, the answered topics too (the same
+    prompts then carry both behaviours, as contrastive steering needs).
+    """
     from pipeline.demo import demo_examples, load_topics
 
     topics = load_topics()
     refusals, templates = topics["refusals"], topics["templates"]["measure"]
     rows = []
     for ex in demo_examples("measure"):
-        if ex.refused_topic:
+        if ex.refused_topic or harmless:
             style = next(i for i, t in enumerate(templates) if t.format(topic=ex.topic) == ex.prompt)
             rows.append({"prompt": ex.prompt, "chosen": ex.answer, "rejected": refusals[style % len(refusals)]})
     return rows
 
 
 def _builtin(name: str) -> list[dict[str, str]]:
-    rows = _demo_rows()
+    """demo-pairs: refused topics, fact chosen, refusal rejected. demo-refusals / demo-answers: every
+    measurement prompt (refused and answered topics) with a refusal / with its fact."""
     if name == "demo-pairs":
-        return rows
+        return _demo_rows()
     column = "rejected" if name == "demo-refusals" else "chosen"
-    return [{"prompt": r["prompt"], "completion": r[column]} for r in rows]
+    return [{"prompt": r["prompt"], "completion": r[column]} for r in _demo_rows(harmless=True)]
 
 
 # ---------------------------------------------------------------- reading

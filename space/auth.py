@@ -8,10 +8,12 @@ passed to the job that needs them and kept nowhere else.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
+import queue
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = {"abliterate": "abliterated", "auto": "abliterated", "dpo": "dpo", "steer": "steered"}
 SUGGEST_TIMEOUT_S = 3.0
 _SAFE = re.compile(r"[^\w.-]+")
+_REACHABLE: list = [False, -1e9]  # [answered, when]
 
 
 def on_spaces() -> bool:
@@ -79,25 +82,47 @@ def is_default_repo(repo_id: str | None, model_id: str | None = None) -> bool:
     )
 
 
-def _search(query: str, limit: int) -> list[str]:
+def _hub_reachable() -> bool:
+    """One quick request (no retries), remembered for a minute: list_models retries for ~20 s offline."""
+    now = time.monotonic()
+    if now - _REACHABLE[1] < 60:
+        return _REACHABLE[0]
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    ok = False
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            ok = get_session().head(constants.ENDPOINT, timeout=SUGGEST_TIMEOUT_S).status_code < 500
+        except Exception:  # noqa: BLE001 - unreachable: no suggestions
+            ok = False
+    _REACHABLE[:] = [ok, now]
+    return ok
+
+
+def _search(query: str, limit: int, answer: queue.Queue) -> None:
     from huggingface_hub import HfApi
 
-    models = HfApi().list_models(search=query, limit=limit, sort="downloads", pipeline_tag="text-generation")
-    return [m.id for m in models]
+    try:
+        if _hub_reachable():
+            models = HfApi().list_models(search=query, limit=limit, sort="downloads", pipeline_tag="text-generation")
+            answer.put([m.id for m in models])
+    except Exception:  # noqa: BLE001 - suggestions are optional: Hub error, bad query
+        pass
+    answer.put([])
 
 
 def suggest_models(query: str, limit: int = 10) -> list[str]:
-    """Hub model ids matching `query` (with `demo` first); an offline Hub gives just `demo`."""
+    """Hub model ids matching `query` (with `demo` first); an offline Hub gives just `demo` and the query."""
     query = (query or "").strip()
     found: list[str] = []
     if len(query) >= 2 and query != "demo":
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        answer: queue.Queue = queue.Queue()
+        threading.Thread(target=_search, args=(query, limit, answer), daemon=True).start()
         try:
-            found = pool.submit(_search, query, limit).result(timeout=SUGGEST_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - suggestions are optional: offline, timeout, Hub error
+            found = answer.get(timeout=SUGGEST_TIMEOUT_S)
+        except queue.Empty:
             found = []
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
     choices = ["demo"] + [m for m in found if m != "demo"]
     if query and query not in choices:
         choices.insert(1, query)

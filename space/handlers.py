@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,13 +142,13 @@ def stream(publish: bool, values: dict[str, Any], oauth_token: Any, progress: An
     except UserError as err:
         raise gr.Error(str(err), print_exception=False) from None
     lines: list[str] = []
-    stage = -1
+    stage, start = -1, time.monotonic()
     progress(0.0, desc="Starting")
     yield ("", "", None, None, gr.update(value=None, visible=False), "", "", gr.skip())
     try:
         for kind, value in runner.events():
             if kind == "log":
-                lines.append(value)
+                lines.append(f"[{time.monotonic() - start:6.1f}s] {value}")
                 new = stage_of(value)
                 if new is not None and new > stage:
                     stage = new
@@ -221,10 +222,16 @@ def chat_turn(message: str, model_id: str, chat_key: str | None, left: list | No
 def who(field_token: str | None, model_id: str, method: str, repo_id: str,
         profile: gr.OAuthProfile | None = None) -> tuple[str, str]:
     """(sign-in line, repo field) for the current user; the repo is filled only while it is a default."""
-    name = getattr(profile, "username", None) or auth.user_name(auth.resolve_token(None, field_token))
-    line = f"Signed in as **{name}**" if name else (
-        "Not signed in: sign in to publish." if auth.on_spaces()
-        else "No token: paste a write token (or set HF_TOKEN) to publish.")
+    token = None if profile is not None else auth.resolve_token(None, field_token)
+    name = getattr(profile, "username", None) or auth.user_name(token)
+    if name:
+        line = f"Signed in as **{name}**"
+    elif token:
+        line = "The token was not accepted by the Hub (or the Hub is unreachable)."
+    elif auth.on_spaces():
+        line = "Not signed in: sign in to publish."
+    else:
+        line = "No token: paste a write token (or set HF_TOKEN) to publish."
     if auth.is_default_repo(repo_id):
         repo_id = auth.default_repo(name, model_id, method) or repo_id
     return line, repo_id

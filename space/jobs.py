@@ -166,6 +166,7 @@ class JobRunner:
         self._thread = threading.Thread(target=self._work, name="abliterator-job", daemon=True)
 
     def _work(self) -> None:
+        log.info("job started: %s -> %s (%s)", self.request.model_id, self.request.repo_id or "-", self.request.method)
         try:
             result = run_isolated(self.request, lambda line: self._queue.put(("log", line)), self.cancel_event,
                                   self.keep_for_chat)
@@ -175,7 +176,7 @@ class JobRunner:
         except UserError as err:
             self._queue.put(("error", err))
         except ImportError as err:
-            self._queue.put(("error", UserError(f"this method is not available in this build ({err.name})")))
+            self._queue.put(("error", UserError(f"{self.request.method} is not available in this build ({err})")))
         except Exception as err:  # noqa: BLE001 - reported as one line, logged for the operator
             log.error("job failed: %s: %s", type(err).__name__, scrub(str(err), self.request.token))
             detail = scrub(str(err), self.request.token)

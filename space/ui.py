@@ -26,8 +26,8 @@ def _sign_in(c: dict) -> None:
         if auth.on_spaces():
             gr.LoginButton(scale=0, min_width=260)
         c["hf_token"] = gr.Textbox(
-            label="Hugging Face token (write)", type="password", placeholder="hf_... (used for this job only)",
-            visible=not auth.on_spaces(), scale=2, elem_id="hf-token",
+            value="", label="Hugging Face token (write)", type="password",
+            placeholder="hf_... (used for this job only)", visible=not auth.on_spaces(), scale=2, elem_id="hf-token",
         )
         c["signed_in"] = gr.Markdown("", elem_id="signed-in")
 
@@ -38,7 +38,7 @@ def _target(c: dict) -> None:
             choices=["demo"], value="demo", label="Model (Hub id or demo)", allow_custom_value=True,
             filterable=True, scale=2, elem_id="model-id",
         )
-        c["repo_id"] = gr.Textbox(label="Target repo", placeholder="your-name/demo-abliterated", scale=2,
+        c["repo_id"] = gr.Textbox(value="", label="Target repo", placeholder="your-name/demo-abliterated", scale=2,
                                   elem_id="repo-id")
         c["private"] = gr.Checkbox(label="Private repo", value=False, scale=0, min_width=140)
     c["method"] = gr.Radio(["abliterate", "dpo", "steer"], value="abliterate", label="Method", visible=False)
@@ -109,8 +109,8 @@ def _results(c: dict) -> None:
     c["pareto"] = gr.Image(label="Pareto front of the search", type="pil", interactive=False, visible=False)
     with gr.Accordion("Chat: original vs edited", open=True):
         with gr.Row():
-            c["left"] = gr.Chatbot(label="Original", height=280)
-            c["right"] = gr.Chatbot(label="Edited", height=280)
+            c["left"] = gr.Chatbot(label="Original", height=280, elem_id="chat-original")
+            c["right"] = gr.Chatbot(label="Edited", height=280, elem_id="chat-edited")
         with gr.Row():
             c["message"] = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=4)
             c["send"] = gr.Button("Send", scale=1)
@@ -146,10 +146,18 @@ def _wire(c: dict, chat_key: gr.State) -> None:
                          trigger_mode="always_last", show_progress="hidden")
 
 
+class SpaceBlocks(gr.Blocks):
+    """Blocks whose launch never keeps a run history: Gradio's would store every run's inputs (the token
+    field included) in the browser, or in a Hub bucket."""
+
+    def launch(self, *args, run_history: bool | None = False, **kwargs):
+        return super().launch(*args, run_history=False if run_history is None else run_history, **kwargs)
+
+
 def build_demo() -> gr.Blocks:
     """The whole Space (queue configured: bounded, one heavy job at a time)."""
     c: dict = {}
-    with gr.Blocks(title="Abliterator", delete_cache=(3600, 3600)) as demo:
+    with SpaceBlocks(title="Abliterator", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(INTRO)
         _sign_in(c)
         _target(c)

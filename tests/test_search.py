@@ -18,8 +18,9 @@ from pipeline.evaluate import EvalConfig, reference
 from pipeline.run import AbliterateJob
 from pipeline.search import Scored, SearchConfig, choose, pareto_front, search
 
-FAST = EvalConfig(max_new_tokens=16)
-TRIALS = 8
+FAST = EvalConfig(max_new_tokens=12)
+FIRST, MORE = 6, 2  # trials of the first run, then of the resumed run: a budget of 8 in all
+TRIALS = FIRST + MORE
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -40,23 +41,23 @@ def demo_d(demo_dirs):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, demo_loaded, demo_d):
-    """One search of TRIALS trials, then the same study continued by 2 more (into another folder)."""
+    """A search of FIRST trials, then the same study continued by MORE trials into another folder."""
     root = tmp_path_factory.mktemp("search")
     study = root / "demo.study.journal"
     before = _snapshot(demo_loaded.model)
     lines: list[str] = []
-    job = AbliterateJob(model="demo", out=root / "first", eval=FAST)
-    first = search(job, SearchConfig(trials=TRIALS, study=study), lines.append, demo_loaded, demo_d)
+    job = AbliterateJob(model="demo", out=root / "first", eval=FAST.model_copy(update={"perplexity": False}))
+    first = search(job, SearchConfig(trials=FIRST, study=study), lines.append, demo_loaded, demo_d)
     weights_after_first = _snapshot(demo_loaded.model)
-    job2 = AbliterateJob(model="demo", out=root / "second", eval=FAST.model_copy(update={"perplexity": False}))
-    second = search(job2, SearchConfig(trials=2, study=study), lines.append, demo_loaded, demo_d)
+    job2 = AbliterateJob(model="demo", out=root / "second", eval=FAST)
+    second = search(job2, SearchConfig(trials=MORE, study=study), lines.append, demo_loaded, demo_d)
     return {"root": root, "first": first, "second": second, "lines": lines, "before": before,
             "after_first": weights_after_first}
 
 
 def test_small_budget_reaches_target_on_held_out_prompts(searched):
-    first = searched["first"]
-    results = json.loads((searched["root"] / "first" / "eval_results.json").read_text())
+    first = searched["second"]  # the study after all TRIALS trials
+    results = json.loads((searched["root"] / "second" / "eval_results.json").read_text())
     assert results["num_prompts"]["harmful"] == 80  # the held-out evaluation part of demo-harmful
     assert results["prompt_sources"]["harmful"]["split"] == "eval"
     assert results["refusal_rate"]["base"] >= 0.9
@@ -78,7 +79,7 @@ def test_weights_are_restored_exactly_after_the_search(searched, demo_loaded):
 def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     from transformers import AutoModelForCausalLM
 
-    out, first = searched["root"] / "first", searched["first"]
+    out, first = searched["root"] / "second", searched["second"]
     for name in ("model.safetensors", "config.json", "tokenizer.json", "recipe.json", "eval_results.json",
                  "search.json", "pareto.png", "strengths.png", "directions.safetensors"):
         assert (out / name).exists(), name
@@ -100,7 +101,7 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
 
 def test_progress_has_one_line_per_trial_with_scores_and_eta(searched):
     lines = [line for line in searched["lines"] if line.startswith("trial ")]
-    assert len(lines) == TRIALS + 2
+    assert len(lines) == TRIALS
     assert all("refusal" in line and "KL" in line and "elapsed" in line and "left" in line for line in lines)
     assert any(line.startswith("Pareto front:") for line in searched["lines"])
 
@@ -109,19 +110,20 @@ def test_resumed_study_continues(searched):
     old = json.loads((searched["root"] / "first" / "search.json").read_text())["trials_all"]
     new = json.loads((searched["root"] / "second" / "search.json").read_text())["trials_all"]
     numbers = [t["number"] for t in new]
-    assert len(new) == TRIALS + 2 and sorted(numbers) == list(range(TRIALS + 2))  # grew by --trials, no repeat
+    assert len(old) == FIRST and len(new) == TRIALS  # grew by the new --trials
+    assert sorted(numbers) == list(range(TRIALS))  # no trial number repeated
     by_number = {t["number"]: t for t in new}
     for trial in old:  # earlier trials are kept as they were
         assert by_number[trial["number"]]["params"] == trial["params"]
         assert by_number[trial["number"]]["refusal"] == trial["refusal"]
     old_params = [t["params"] for t in old]
-    assert all(by_number[n]["params"] not in old_params for n in (TRIALS, TRIALS + 1))
-    assert searched["second"]["search"]["trials"] == TRIALS + 2
+    assert all(by_number[n]["params"] not in old_params for n in range(FIRST, TRIALS))
+    assert searched["second"]["search"]["trials"] == TRIALS and searched["second"]["search"]["trials_run"] == MORE
 
 
 def test_workbench_restores_weights_even_when_evaluation_fails(demo_loaded, demo_prompts, demo_d, monkeypatch):
     harmful, harmless = demo_prompts.harmful.evaluate[:4], demo_prompts.harmless.evaluate[:4]
-    cfg = EvalConfig(max_new_tokens=4, perplexity=False)
+    cfg = EvalConfig(max_new_tokens=12, perplexity=False)
     ref = reference(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg)
     before = _snapshot(demo_loaded.model)
     bench = se.Workbench(demo_loaded, demo_d, harmful, harmless, cfg, ref)
@@ -149,7 +151,8 @@ def test_first_trial_of_a_new_study_is_the_plain_edit(demo_d):
     cfg = SearchConfig(search_per_layer=True)
     params = se.from_edit(EditConfig(), demo_d, cfg)
     edit, spec = se.to_edit(params, EditConfig())
-    assert strengths(edit, 6) == pytest.approx(strengths(EditConfig(), 6))
+    plan, default = strengths(edit, 6), strengths(EditConfig(), 6)
+    assert plan["attn"] == pytest.approx(default["attn"]) and plan["mlp"] == pytest.approx(default["mlp"])
     assert edit.method == "standard" and not edit.per_layer
     assert float(spec) == pytest.approx(demo_d.suggested_layer / 5, abs=0.005)
     per_layer, spec = se.to_edit(se.from_edit(EditConfig(per_layer=True), demo_d, cfg), EditConfig())
@@ -228,13 +231,14 @@ def test_base_that_refuses_nothing(tmp_path, demo_loaded, demo_d):
     from pipeline.stages import PromptsConfig
 
     job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=PromptsConfig(harmful="demo-harmless"),
-                        eval=EvalConfig(max_new_tokens=8, perplexity=False))
+                        eval=EvalConfig(max_new_tokens=12, perplexity=False))
     with pytest.raises(UserError, match="nothing to remove"):
         search(job, SearchConfig(trials=1), None, demo_loaded, demo_d)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("change", "needle"), [({"streaming": True}, "--streaming"), ({"evaluate": False}, "--no-eval")])
+@pytest.mark.parametrize(("change", "needle"),
+                         [({"streaming": True}, "--streaming"), ({"evaluate": False}, "--no-eval")])
 def test_incompatible_job_settings(tmp_path, change, needle):
     with pytest.raises(UserError, match=needle):
         search(AbliterateJob(model="demo", out=tmp_path / "o", **change), SearchConfig(trials=1))
