@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run demo test lint bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,9 +14,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 setup: $(STAMP)
 
-# Abliterate the built-in demo model and print the before/after evaluation.
+# Start the Space on http://127.0.0.1:7860 with the demo model preselected.
+# (CLI twin: make demo)
 run: $(STAMP)
-	$(BIN)/python -m pipeline abliterate demo --out out/demo-abliterated --overwrite
+	GRADIO_SERVER_NAME=127.0.0.1 GRADIO_SERVER_PORT=7860 $(BIN)/python app.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -32,3 +33,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out tests/_output bench/results
+
+# Abliterate the built-in demo model from the CLI and print the before/after evaluation.
+demo: $(STAMP)
+	$(BIN)/python -m pipeline abliterate demo --out out/demo-abliterated --overwrite

@@ -73,12 +73,12 @@ def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
             "scores": sorted(scores)[0]}
 
 
-def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default: bool, work: Path) -> dict:
+def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default: bool, seed: int, work: Path) -> dict:
     """Run `search()` from scratch; seconds from the call to the first trial that meets the target."""
     from pipeline.run import AbliterateJob
     from pipeline.search import SearchConfig, search
 
-    name = "default-start" if from_default else "random-start"
+    name = "default-start" if from_default else f"random-start-seed{seed}"
     start, hits, lines = time.perf_counter(), [], []
 
     def progress(line: str) -> None:
@@ -90,13 +90,13 @@ def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default:
         print(lines[-1].splitlines()[0][:150], flush=True)
 
     job = AbliterateJob(model="demo", out=work / name, directions_file=directions, eval=eval_cfg)
-    summary = search(job, SearchConfig(trials=trials, study=work / f"{name}.journal",
+    summary = search(job, SearchConfig(trials=trials, study=work / f"{name}.journal", search_seed=seed,
                                        start_from_default=from_default), progress)
     total = time.perf_counter() - start
-    first_trial = next(float(re.match(r"\[\s*([\d.]+)s\]", x)[1]) for x in lines if "] trial " in x)
+    setup = next(float(re.match(r"\[\s*([\d.]+)s\]", x)[1]) for x in lines if "] search: " in x)
     result = summary["eval"]
     return {"start": name, "trials": trials, "seconds_to_target": hits[0][0] if hits else None,
-            "trials_to_target": hits[0][2] if hits else None, "setup_s": first_trial, "total_s": total,
+            "trials_to_target": hits[0][2] if hits else None, "setup_s": setup, "total_s": total,
             "chosen_refusal": result["refusal_rate"]["model"], "chosen_kl": result["kl_divergence"],
             "chosen_trial": summary["search"]["chosen_trial"]}
 
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="trial/evaluation pairs for (a)")
     parser.add_argument("--trials", type=int, default=12, help="search budget for (b)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--directions", type=Path, help="saved directions for (b); default: measured in the run")
+    parser.add_argument("--random-seeds", type=int, default=3, help="random-start searches (seeds 0..N-1) for (b)")
+    parser.add_argument("--directions", type=Path, help="saved directions for (b); default: measured in each run")
     parser.add_argument("--skip-b", action="store_true", help="only measure the trial cost")
     args = parser.parse_args(argv)
 
@@ -122,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
         work = Path(tmp)
         loaded, prompts = load_model("demo"), resolve_prompts("demo", PromptsConfig())
-        d = dirs.load(args.directions) if args.directions else measure_directions(loaded, prompts, dirs.DirectionsConfig())
+        d = dirs.load(args.directions) if args.directions else measure_directions(
+            loaded, prompts, dirs.DirectionsConfig())
         cost = trial_cost(loaded, d, prompts, eval_cfg, args.rounds, work)
         print(f"(a) trial {cost['trial_median_s']:.2f} s vs evaluation {cost['eval_median_s']:.2f} s (medians of "
               f"{args.rounds}) = {cost['ratio']:.3f}x; edit+restore {cost['edit_and_restore_s'] * 1000:.0f} ms; "
               f"a reload would add {cost['reload_s']:.2f} s; identical scores: {cost['same_scores']}")
-        runs = [] if args.skip_b else [time_to_target(args.directions, eval_cfg, args.trials, start, work)
-                                       for start in (True, False)]
+        starts = [(True, 0)] + [(False, seed) for seed in range(args.random_seeds)]
+        runs = [] if args.skip_b else [time_to_target(args.directions, eval_cfg, args.trials, default, seed, work)
+                                       for default, seed in starts]
     for run in runs:
         reached = (f"{run['seconds_to_target']:.1f} s (trial {run['trials_to_target']}/{run['trials']})"
                    if run["seconds_to_target"] is not None else f"not within {run['trials']} trials")
@@ -139,11 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
                                    "trial_cost": cost, "time_to_target": runs}, indent=2) + "\n")
     verdict = "meets" if cost["ratio"] <= 1.1 else "misses"
-    reach = "; ".join(f"{r['start']} {r['seconds_to_target']:.0f} s" if r["seconds_to_target"] is not None
-                      else f"{r['start']} not reached" for r in runs)
     print(f"SUMMARY search: one trial = {cost['ratio']:.3f}x one evaluation ({verdict} the <= 1.1x goal); "
-          f"time to refusal <= 10% & KL <= 0.1: {reach or 'not measured'}")
+          f"time to refusal <= 10% & KL <= 0.1: {_reach(runs)}")
     return 0
+
+
+def _reach(runs: list[dict]) -> str:
+    if not runs:
+        return "not measured"
+    parts = []
+    for label, group in (("default start", runs[:1]), ("random start", runs[1:])):
+        hit = [r["seconds_to_target"] for r in group if r["seconds_to_target"] is not None]
+        trials = [r["trials_to_target"] for r in group if r["seconds_to_target"] is not None]
+        if group:
+            parts.append(f"{label} {len(hit)}/{len(group)} runs" + (
+                f", median {statistics.median(hit):.0f} s (trial {statistics.median(trials):g})" if hit else ""))
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,10 @@
 """Automatic search over edit parameters: Optuna multi-objective TPE on (refusal rate, KL divergence).
 
-The model is loaded and the directions measured once. Each trial samples an edit (direction layer as
-a fraction of depth or per-layer directions, method, a kernel per component), applies it to the loaded
-weights in place, evaluates it on the evaluation prompts (disjoint from the measurement prompts) against
-one base reference, and restores the residual-writing tensors from a copy taken once: a trial costs
-one evaluation, never a load. The study lives in an Optuna journal file, so re-running continues it.
-At the end the Pareto front is reported (table, `pareto.png`, `search.json`) and one trial is chosen:
-the lowest KL among trials whose refusal rate is at most ``target`` × the base rate, else the lowest
-refusal (ties by KL). The chosen edit is saved as the output model like a plain abliteration.
+Load and measure once; each trial samples an edit (layer fraction or per-layer directions, method, a kernel
+per component), applies it in place, evaluates it on the evaluation prompts against one base reference and
+restores the residual writers from a copy taken once: a trial costs one evaluation, never a load. The study
+lives in a journal file (re-running continues it). The chosen trial (lowest KL with refusal <= target × base
+rate, else lowest refusal) is saved like a plain abliteration, with the Pareto front (table, chart, JSON).
 """
 
 from __future__ import annotations
@@ -78,7 +75,7 @@ class Scored:  # one completed trial
     refusal: float
     kl: float
     params: dict[str, Any]
-    layer: dict[str, Any]
+    layer: dict[str, Any]  # the layer info of the direction (resolve_layer's dict)
 
 
 def _suggest_kernel(trial: Any, comp: str, allow_off: bool) -> None:
@@ -91,10 +88,10 @@ def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
     """Sample one point of the search space into ``trial``; returns its parameters."""
     if cfg.search_method:
         trial.suggest_categorical("method", list(METHODS))
-    per_layer = base.per_layer
+    single = not base.per_layer
     if cfg.search_per_layer:
-        per_layer = trial.suggest_categorical("directions", ["single", "per-layer"]) == "per-layer"
-    if not per_layer:
+        single = trial.suggest_categorical("directions", ["single", "per-layer"]) == "single"
+    if single:
         trial.suggest_float("layer", *LAYER_RANGE, step=0.01)
     _suggest_kernel(trial, "attn", False)
     _suggest_kernel(trial, "mlp", cfg.allow_mlp_off)
@@ -104,10 +101,8 @@ def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
 def to_edit(params: dict[str, Any], base: EditConfig) -> tuple[EditConfig, str]:
     """The edit and layer spec of a trial's parameters (unsearched settings come from ``base``)."""
     per_layer = params.get("directions", "per-layer" if base.per_layer else "single") == "per-layer"
-    kernels = {
-        comp: ComponentKernel(**{k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(comp + ".")})
-        for comp in ("attn", "mlp")
-    }
+    kernels = {c: ComponentKernel(**{k[len(c) + 1:]: v for k, v in params.items() if k.startswith(c + ".")})
+               for c in ("attn", "mlp")}
     edit = EditConfig(method=params.get("method", base.method), preset=None, **kernels,
                       embed_strength=base.embed_strength, per_layer=per_layer)
     return edit, "per-layer" if per_layer else f"{params['layer']:.2f}"
@@ -117,9 +112,8 @@ def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool) -> dict[
     if kernel.kind == "off" and not allow_off:
         kernel = PRESETS["standard"][comp]
     out: dict[str, Any] = {f"{comp}.kind": kernel.kind}
-    for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items():
-        out[f"{comp}.{name}"] = min(high, max(low, getattr(kernel, name)))
-    return out
+    return out | {f"{comp}.{name}": min(high, max(low, getattr(kernel, name)))
+                  for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items()}
 
 
 def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
@@ -164,14 +158,13 @@ class Workbench:
                 for name, p in self.params.items():
                     p.data.copy_(self.saved[name])
 
-    def run(self, edit: EditConfig, spec: str, cfg: EvalConfig | None = None) -> tuple[dict, dict]:
+    def run(self, edit: EditConfig, spec: str) -> tuple[dict, dict]:
         """Evaluate one edit (in place, reverted afterwards): (eval results, layer info)."""
         direction, layer = stages.chosen_direction(self.d, spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
-            results = evaluate(self.model, self.tokenizer, self.harmful, self.harmless, cfg or self.trial_cfg,
-                               base=self.ref, markers=self.markers)
-        return results, layer
+            return evaluate(self.model, self.tokenizer, self.harmful, self.harmless, self.trial_cfg, base=self.ref,
+                            markers=self.markers), layer
 
 
 @contextmanager
@@ -188,10 +181,6 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def study_file(out: Path, cfg: SearchConfig) -> Path:
-    return Path(cfg.study) if cfg.study else Path(out).with_name(Path(out).name + ".study.journal")
-
-
 def open_study(path: Path, cfg: SearchConfig, context: dict[str, Any] | None = None) -> Any:
     """Create or continue the study in the journal file ``path``; ``context`` must match a resumed one."""
     import optuna
@@ -200,6 +189,7 @@ def open_study(path: Path, cfg: SearchConfig, context: dict[str, Any] | None = N
 
     path = Path(path).expanduser()
     try:
+        _check_journal(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(str(path)))
         existing = optuna.study.get_all_study_names(storage)
@@ -208,27 +198,29 @@ def open_study(path: Path, cfg: SearchConfig, context: dict[str, Any] | None = N
                                              n_startup_trials=max(4, min(10, (done + cfg.trials) // 4)))
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=STUDY_NAME, load_if_exists=True,
                                     directions=["minimize", "minimize"])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError, OSError) as exc:
         reason = " ".join(str(exc).split())[:160]
-        raise UserError(f"cannot read study file '{path}' ({type(exc).__name__}: {reason}): "
-                        "delete it or choose another --study") from exc
-    _check_context(study, path, context or {})
-    return study
-
-
-def _check_context(study: Any, path: Path, context: dict[str, Any]) -> None:
-    context, old = json.loads(json.dumps(context, default=str)), study.user_attrs.get("context")
-    if old is None:
-        return study.set_user_attr("context", context)
-    changed = sorted(k for k in set(old) | set(context) if old.get(k) != context.get(k))
+        raise UserError(f"cannot read study file '{path}' ({type(exc).__name__}: {reason}): give another --study "
+                        "(or remove that file if it is a broken study)") from exc
+    context, old = json.loads(json.dumps(context or {}, default=str)), study.user_attrs.get("context")
+    changed = sorted(k for k in set(old or {}) | set(context) if old is not None and old.get(k) != context.get(k))
     if changed:
         raise UserError(f"study file '{path}' was made with other {', '.join(changed)}: its scores do not compare; "
                         "choose another --study")
+    if old is None:
+        study.set_user_attr("context", context)
+    return study
 
 
-def _check_trials(trials: int) -> None:
-    if trials < 1:  # SearchConfig refuses it too; this guards direct calls
-        raise UserError(f"--trials must be at least 1, got {trials}")
+def _check_journal(path: Path) -> None:
+    """ValueError unless every line of an existing file is an Optuna journal record (a JSON operation)."""
+    for number, line in enumerate(path.read_bytes().splitlines() if path.is_file() else [], 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "op_code" not in record:
+            raise ValueError(f"line {number} is not an Optuna journal record")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -260,7 +252,8 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
     """Run ``cfg.trials`` trials; each is told to the study as soon as it ends. Returns this run's trials."""
     from optuna.trial import TrialState
 
-    _check_trials(cfg.trials)
+    if cfg.trials < 1:  # SearchConfig refuses it too; this guards direct calls
+        raise UserError(f"--trials must be at least 1, got {cfg.trials}")
     start, done = time.monotonic(), []
     for i in range(cfg.trials):
         trial, began = study.ask(), time.monotonic()
@@ -360,10 +353,9 @@ class Outcome:
     limit: float
 
     def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
-        return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number,
-                "rule": self.rule, "target": cfg.target, "base_refusal_rate": base_rate,
-                "refusal_limit": self.limit, "max_kl": cfg.search_max_kl,
-                "pareto_front": [asdict(t) for t in self.front]}
+        return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number, "rule": self.rule,
+                "target": cfg.target, "base_refusal_rate": base_rate, "refusal_limit": self.limit,
+                "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front]}
 
 
 def outcome(study: Any, base_rate: float, cfg: SearchConfig) -> Outcome:
@@ -379,13 +371,20 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         raise UserError("--auto edits the loaded model in memory: leave out --streaming")
     if not job.evaluate:
         raise UserError("--auto scores every trial by evaluation: leave out --no-eval")
-    _check_trials(cfg.trials)
+    if job.load.load_in_4bit:
+        raise UserError("--auto edits the weights in place, which 4-bit weights do not allow: drop --load-in-4bit")
+    if cfg.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {cfg.trials}")
     check_target(job.out, job.overwrite)
     eval_cfg = job.eval or EvalConfig()
     prompts = stages.resolve_prompts(job.model, job.prompts)
-    path = study_file(job.out, cfg)
+    path = Path(cfg.study or f"{Path(job.out)}.study.journal")
+    space = {"method": "searched" if cfg.search_method else job.edit.method, "allow_mlp_off": cfg.allow_mlp_off,
+             "per_layer": "searched" if cfg.search_per_layer else job.edit.per_layer,
+             "embed_strength": job.edit.embed_strength}
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
-               "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured")}
+               "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
+               "search space": space}
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -413,7 +412,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
             study.enqueue_trial(from_edit(job.edit, bench.d, cfg))
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
             f"base refusal rate {bench.base_rate:.1%}")
-        run_trials(study, bench, cfg, job.edit, progress)
+        run_trials(study, bench, cfg, job.edit, say)
         result = outcome(study, bench.base_rate, cfg)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")

@@ -23,7 +23,7 @@ from space.jobs import HEAVY, STAGES, JobRequest, JobResult, JobRunner, stage_of
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("log", "summary", "directions", "strengths", "pareto", "card", "link", "chat_key")
+OUTPUTS = ("log", "summary", "directions", "strengths", "pareto", "card", "link", "stage", "chat_key")
 _IMAGE_REF = re.compile(r"\]\(((?:directions|strengths|pareto)\.png)\)")
 
 
@@ -51,7 +51,7 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     method = v.get("method") or "abliterate"
     options: dict[str, Any] = {"max_new_tokens": _number(v.get("max_new_tokens", 64), int, "max new tokens")}
     if method == "abliterate":
-        mode = v.get("mode") or "preset"
+        mode = str(v.get("mode") or "preset").strip().lower()
         options["method"] = v.get("edit_method") or "standard"
         if mode == "search":
             method = "auto"
@@ -118,16 +118,34 @@ def link_markdown(result: JobResult) -> str:
     return "### Not published\nThe edited model was evaluated and then deleted; run again to publish it."
 
 
+def stage_html(stage: int, publish: bool = True) -> str:
+    """A progress bar over the job's stages (stays visible while the log streams)."""
+    total = len(STAGES) if publish else len(STAGES) - 1
+    if stage < 0:
+        label, done = "Waiting for a free slot", 0
+    elif stage >= total:
+        label, done = "Done", total
+    else:
+        label, done = f"Stage {stage + 1} of {total}: {STAGES[stage][1]}", stage
+    width = round(100 * done / total)
+    track = "background:var(--neutral-200,#e5e7eb);border-radius:4px;height:10px;overflow:hidden"
+    fill = f"background:var(--color-accent,#f97316);height:10px;width:{width}%;transition:width .4s"
+    return (f'<div class="job-stage"><div style="margin-bottom:4px">{label}</div>'
+            f'<div style="{track}"><div style="{fill}"></div></div></div>')
+
+
 def final_outputs(log_text: str, result: JobResult) -> tuple:
     pareto = result.charts.get("pareto.png")
     return (log_text, summary_markdown(result.eval), _image(result.charts.get("directions.png")),
             _image(result.charts.get("strengths.png")),
             gr.update(value=_image(pareto), visible=bool(pareto)),
-            card_markdown(result.card, result.charts), link_markdown(result), result.chat_key)
+            card_markdown(result.card, result.charts), link_markdown(result), stage_html(len(STAGES)),
+            result.chat_key)
 
 
-def _skip(log_text: str | None = None) -> tuple:
-    return (gr.skip() if log_text is None else log_text,) + tuple(gr.skip() for _ in OUTPUTS[1:])
+def _skip(log_text: str | None = None, stage: str | None = None) -> tuple:
+    values = {"log": log_text, "stage": stage}
+    return tuple(gr.skip() if values.get(name) is None else values[name] for name in OUTPUTS)
 
 
 def stream(publish: bool, values: dict[str, Any], oauth_token: Any, progress: Any) -> Iterator[tuple]:
@@ -144,17 +162,18 @@ def stream(publish: bool, values: dict[str, Any], oauth_token: Any, progress: An
     lines: list[str] = []
     stage, start = -1, time.monotonic()
     progress(0.0, desc="Starting")
-    yield ("", "", None, None, gr.update(value=None, visible=False), "", "", gr.skip())
+    yield ("", "", None, None, gr.update(value=None, visible=False), "", "", stage_html(-1), gr.skip())
     try:
         for kind, value in runner.events():
             if kind == "log":
                 lines.append(f"[{time.monotonic() - start:6.1f}s] {value}")
                 new = stage_of(value)
-                if new is not None and new > stage:
+                changed = new is not None and new > stage
+                if changed:
                     stage = new
                     desc = STAGES[stage][1] if stage < len(STAGES) else "Done"
                     progress(min(stage, len(STAGES)) / len(STAGES), desc=desc)
-                yield _skip("\n".join(lines))
+                yield _skip("\n".join(lines), stage_html(max(stage, 0), publish) if changed or stage < 0 else None)
             elif kind == "result":
                 yield final_outputs("\n".join(lines), value)
             else:

@@ -133,8 +133,9 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
         say("waiting for the previous job to stop")
         HEAVY.acquire()
     try:
-        progress(f"job: {request.model_id} -> {request.method} -> {request.repo_id or 'not published'}")
         request = resolve_repo(request)
+        target = request.repo_id if request.publish else "not published"
+        progress(f"job: {request.model_id} -> {request.method} -> {target}")
         with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as tmp:
             progress(f"working folder: {tmp}")
             run = _run_job_module()
@@ -148,8 +149,11 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
             summary = run.run_job(job, progress, request.token)
             result = _collect(job.output_dir(), summary)
             if keep_for_chat is not None and not cancel.is_set():
-                progress("loading the edited model for the chat")
-                result.chat_key = keep_for_chat(job.output_dir())
+                say("loading the edited model for the chat")
+                try:
+                    result.chat_key = keep_for_chat(job.output_dir())
+                except Exception as err:  # noqa: BLE001 - the job itself succeeded; only the chat is missing
+                    say(scrub(f"the chat is unavailable: {type(err).__name__}: {err}", request.token))
         return result
     finally:
         HEAVY.release()

@@ -123,7 +123,7 @@ def _inputs(c: dict, fn) -> list:
 
 
 def _wire(c: dict, chat_key: gr.State) -> None:
-    outputs = [c["log"], c["summary"], c["directions"], c["strengths"], c["pareto"], c["card"], c["link"], chat_key]
+    outputs = [c[name] for name in handlers.OUTPUTS[:-1]] + [chat_key]
     common = {"outputs": outputs, "concurrency_id": HEAVY_ID, "concurrency_limit": 1, "show_progress_on": c["log"]}
     publish = c["publish"].click(handlers.abliterate_and_publish, _inputs(c, handlers.abliterate_and_publish),
                                  api_name="abliterate_and_publish", **common)
@@ -167,6 +167,7 @@ def build_demo() -> gr.Blocks:
             c["dry"] = gr.Button("Run without publishing", elem_id="dry-run")
             c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="cancel")
         c["status"] = gr.Markdown("")
+        c["stage"] = gr.HTML(handlers.stage_html(-1).replace("Waiting for a free slot", "Idle"), elem_id="job-stage")
         c["log"] = gr.Textbox(label="Log", lines=8, max_lines=16, autoscroll=True, interactive=False,
                               elem_id="job-log")
         _results(c)

@@ -143,7 +143,8 @@ def test_one_click_publishes_to_the_signed_in_users_repo(app, hub, work_root, ru
     demo, url = app
     job = _submit(_client(url, ALICE_TOKEN), repo_id="", private=True)  # empty repo: the default name
     out = job.result(timeout=600)
-    log_text, summary, directions, strengths, pareto, card, link = out
+    log_text, summary, directions, strengths, pareto, card, link, stage = out
+    assert "Done" in stage
     assert "alice/demo-abliterated" in link and hub.url in link
     assert hub.repo("alice/demo-abliterated").private
     _assert_published(hub, "alice/demo-abliterated")
@@ -211,18 +212,37 @@ def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub,
     _assert_no_token_on_disk(work_root)
 
 
-def test_cancel_before_publishing_publishes_nothing(app, hub, work_root):
+def test_cancel_before_publishing_publishes_nothing(app, hub, work_root, monkeypatch):
+    import pipeline.run as run
     from space.jobs import HEAVY
 
+    real, cancelled, outcome = run.run_job, threading.Event(), {}
+
+    def held_at_measuring(job, progress=None, token=None):
+        def gated(message: str) -> None:
+            if message.startswith("measuring"):  # hold the job here until the page has cancelled it
+                cancelled.wait(120)
+                time.sleep(2)  # let the cancellation reach the worker
+            progress(message)
+
+        try:
+            return real(job, gated, token)
+        except BaseException as exc:
+            outcome["error"] = type(exc).__name__
+            raise
+
+    monkeypatch.setattr(run, "run_job", held_at_measuring)
     demo, url = app
     job = _submit(_client(url, ALICE_TOKEN), repo_id="alice/cancelled-abliterated")
     deadline = time.monotonic() + 300
-    while "measuring" not in _streamed_log(job) and time.monotonic() < deadline:
+    while "working folder" not in _streamed_log(job) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _job_workdirs(work_root), "the job did not start"
     job.cancel()
+    cancelled.set()
     assert HEAVY.acquire(timeout=300), "the cancelled job never stopped"
     HEAVY.release()
+    assert outcome == {"error": "Cancelled"}
     assert not hub.repos, "a cancelled job created a repo"
     assert not [p for m, p in hub.requests_log if m == "POST" and "/commit/" in p]
     assert not _job_workdirs(work_root), "the cancelled job's folder was left behind"

@@ -65,8 +65,8 @@ def test_sign_of_k_moves_refusals(steered):
     from pipeline.prompts import load_prompts
 
     root, vector, _ = steered
-    harmful = list(load_prompts("demo-harmful").eval_prompts)
-    harmless = list(load_prompts("demo-harmless").eval_prompts)
+    harmful = list(load_prompts("demo-harmful").eval_prompts)[::2]  # 40 held-out prompts of each kind
+    harmless = list(load_prompts("demo-harmless").eval_prompts)[::2]
     # An existing vector: no training; the base refuses the harmful prompts and answers the others.
     fewer = steer("demo", root / "minus", -2.0, vector=vector, evaluate=False)
     more = steer("demo", root / "plus", 1.0, vector=vector, evaluate=False)
@@ -93,9 +93,11 @@ def test_monitoring_cosine_is_higher_for_a_fine_tune_on_positive_like_data(steer
         tune("demo", str(data), tmp_path / name, cfg, evaluate=False)
     like_report = monitor(str(tmp_path / "ft-like"), vector, "demo", chart=tmp_path / "like.png")
     unrelated_report = monitor(str(tmp_path / "ft-unrelated"), vector, "demo")
-    assert like_report["overall"] > unrelated_report["overall"] + 0.05, (like_report["overall"],
-                                                                         unrelated_report["overall"])
-    assert like_report["overall"] > 0.1
+    # A few steps of another LoRA (rank 16, other prompts): the cosine is small in absolute terms, but far
+    # above chance (about 1/sqrt(#weights) ~ 1e-3); unrelated data stays at chance.
+    like, other = like_report["overall"], unrelated_report["overall"]
+    assert like > 0.02 and like > other + 0.02 and abs(other) < 0.01, (like, other)
+    assert all(value > 0 for value in like_report["per_module"].values())
     assert set(like_report["per_module"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
     assert sorted(like_report["per_layer"], key=int) == [str(i) for i in range(6)]
