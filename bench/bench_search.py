@@ -69,6 +69,7 @@ def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
     reload_s = time.perf_counter() - start
     t, e = statistics.median(trial_s), statistics.median(eval_s)
     return {"trial_s": trial_s, "eval_s": eval_s, "trial_median_s": t, "eval_median_s": e, "ratio": t / e,
+            "ratio_of_best": min(trial_s) / min(eval_s),
             "edit_and_restore_s": edit_restore, "reload_s": reload_s, "same_scores": len(scores) == 1,
             "scores": sorted(scores)[0]}
 
@@ -93,12 +94,27 @@ def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default:
     summary = search(job, SearchConfig(trials=trials, study=work / f"{name}.journal", search_seed=seed,
                                        start_from_default=from_default), progress)
     total = time.perf_counter() - start
+    inner = _trial_overhead(work / f"{name}.journal")
     setup = next(float(re.match(r"\[\s*([\d.]+)s\]", x)[1]) for x in lines if "] search: " in x)
     result = summary["eval"]
     return {"start": name, "trials": trials, "seconds_to_target": hits[0][0] if hits else None,
             "trials_to_target": hits[0][2] if hits else None, "setup_s": setup, "total_s": total,
             "chosen_refusal": result["refusal_rate"]["model"], "chosen_kl": result["kl_divergence"],
-            "chosen_trial": summary["search"]["chosen_trial"]}
+            "chosen_trial": summary["search"]["chosen_trial"], **inner}
+
+
+def _trial_overhead(journal: Path) -> dict:
+    """Within each trial of a real search: (ask + suggest + edit + evaluate + restore) / evaluate alone."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from pipeline.search import STUDY_NAME
+
+    study = optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(journal))))
+    res = [t.user_attrs["result"] for t in study.trials if "result" in t.user_attrs]
+    total, evals = sum(r["seconds"] for r in res), sum(r["eval_seconds"] for r in res)
+    return {"trial_seconds": total, "eval_seconds": evals, "trial_over_eval": total / evals}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             loaded, prompts, dirs.DirectionsConfig())
         cost = trial_cost(loaded, d, prompts, eval_cfg, args.rounds, work)
         print(f"(a) trial {cost['trial_median_s']:.2f} s vs evaluation {cost['eval_median_s']:.2f} s (medians of "
-              f"{args.rounds}) = {cost['ratio']:.3f}x; edit+restore {cost['edit_and_restore_s'] * 1000:.0f} ms; "
-              f"a reload would add {cost['reload_s']:.2f} s; identical scores: {cost['same_scores']}")
+              f"{args.rounds}) = {cost['ratio']:.3f}x (best of each: {cost['ratio_of_best']:.3f}x); edit+restore "
+              f"{cost['edit_and_restore_s'] * 1000:.0f} ms; a reload would add {cost['reload_s']:.2f} s; "
+              f"identical scores: {cost['same_scores']}")
         starts = [(True, 0)] + [(False, seed) for seed in range(args.random_seeds)]
         runs = [] if args.skip_b else [time_to_target(args.directions, eval_cfg, args.trials, default, seed, work)
                                        for default, seed in starts]
@@ -137,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
                    if run["seconds_to_target"] is not None else f"not within {run['trials']} trials")
         print(f"(b) {run['start']}: target reached after {reached}; setup {run['setup_s']:.1f} s, "
               f"total {run['total_s']:.1f} s; chosen trial {run['chosen_trial']}: refusal "
-              f"{run['chosen_refusal']:.1%}, KL {run['chosen_kl']:.4f}")
+              f"{run['chosen_refusal']:.1%}, KL {run['chosen_kl']:.4f}; within its trials, trial time / "
+              f"evaluation time = {run['trial_over_eval']:.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
                                    "trial_cost": cost, "time_to_target": runs}, indent=2) + "\n")
     verdict = "meets" if cost["ratio"] <= 1.1 else "misses"
-    print(f"SUMMARY search: one trial = {cost['ratio']:.3f}x one evaluation ({verdict} the <= 1.1x goal); "
+    inner = (f", {sum(r['trial_seconds'] for r in runs) / sum(r['eval_seconds'] for r in runs):.3f}x inside "
+             f"{sum(r['trials'] for r in runs)} search trials" if runs else "")
+    print(f"SUMMARY search: one trial = {cost['ratio']:.3f}x one evaluation ({verdict} the <= 1.1x goal{inner}); "
           f"time to refusal <= 10% & KL <= 0.1: {_reach(runs)}")
     return 0
 

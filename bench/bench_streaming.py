@@ -17,7 +17,7 @@ Goals: throughput ratio copy_time / edit_time >= 0.7; peak RSS of the edit
 non-writer tensors byte-identical, and for an edited o_proj rᵀW' = (1 - s) rᵀW
 up to the rounding of the stored dtype (≈ 0 at strength s = 1).
 
-    .venv/bin/python bench/bench_streaming.py            # ~1.5 GB model, 4 shards
+    .venv/bin/python bench/bench_streaming.py            # 1.6 GB (1524 MiB) model, 4 shards
     .venv/bin/python bench/bench_streaming.py --quick    # ~340 MB model, 4 shards
 """
 
@@ -345,7 +345,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
     p.add_argument("--intermediate", type=int, default=5632, help="MLP intermediate size (default 5632)")
-    p.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: 1.55 GB at the defaults)")
+    p.add_argument("--layers", type=int, default=13, help="decoder layers (default 13: 1.6 GB at the defaults)")
     p.add_argument("--heads", type=int, default=16, help="attention heads (default 16)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default 32000)")
@@ -355,7 +355,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--quick", action="store_true", help="small model: hidden 1024, intermediate 2816, 8 layers, 100MB shards"
     )
-    p.add_argument("--repeats", type=int, default=2, help="alternating copy/edit rounds; best of each (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating copy/edit rounds; best of each (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the children (default: torch's)")
     p.add_argument("--sync", action="store_true", help="include a final os.sync() in both timed regions")
     p.add_argument(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -115,16 +116,21 @@ def edit_tensor(
     """The edited copy of `weight` (same dtype and shape)."""
     if strength == 0:
         return weight
-    w = weight.to(torch.float32).movedim(hidden_axis, -1)
+    axis = hidden_axis % weight.dim()
+    # One float32 working copy in the original layout, updated in place: no
+    # transposed temporaries, memory-order access (about 5x faster on CPU).
+    w = weight.to(torch.float32, copy=True)
     r = direction.to(device=w.device, dtype=torch.float32)
     r = r / r.norm()
-    coeff = w @ r  # [...]: component of each hidden-axis vector along r
-    edited = w - strength * coeff.unsqueeze(-1) * r
-    if norm_preserving:
-        before = w.norm(dim=-1, keepdim=True)
-        after = edited.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        edited = edited * (before / after)
-    return edited.movedim(-1, hidden_axis).to(weight.dtype).contiguous()
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    r_b = r.view(shape)
+    coeff = torch.tensordot(w, r, dims=([axis], [0])).unsqueeze(axis)  # component along r
+    before = w.norm(dim=axis, keepdim=True) if norm_preserving else None
+    w.addcmul_(r_b, coeff, value=-strength)
+    if before is not None:
+        w.mul_(before / w.norm(dim=axis, keepdim=True).clamp_min(1e-12))
+    return w.to(weight.dtype)
 
 
 @torch.no_grad()
@@ -164,33 +170,64 @@ def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     return 8 + header_len, {name: tuple(info["data_offsets"]) for name, info in header.items()}
 
 
+def _copy_range(src, dst, start: int, length: int) -> None:
+    """Copy bytes between files, in the kernel (copy_file_range) when the OS offers it."""
+    dst.flush()
+    while length > 0:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), min(length, 1 << 30), start)
+        except (AttributeError, OSError):
+            done = 0
+        if done <= 0:  # not supported here: plain reads and writes
+            src.seek(start)
+            chunk = src.read(min(length, 64 << 20))
+            if not chunk:
+                raise OSError("unexpected end of file")
+            dst.write(chunk)
+            done = len(chunk)
+        start += done
+        length -= done
+
+
 def _edit_shard(src: Path, dst: Path, directions, cfg: EditConfig, plan: dict, model_type: str) -> int:
-    """Copy the shard, then overwrite the edited tensors' bytes in place.
+    """Write the shard once, in file order: header and untouched tensors as-is, edited tensors new.
 
     An edit keeps dtype and shape, so the header and every offset stay valid
-    and untouched tensors stay byte-identical. Memory: one tensor at a time.
+    and untouched tensors stay byte-identical. The maths of the next edited
+    tensor runs in a worker thread while the current bytes are written, so
+    memory holds at most two edited tensors.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors import safe_open
 
-    shutil.copyfile(src, dst)
     base, offsets = _data_offsets(src)
-    changed = 0
-    with safe_open(str(src), framework="pt") as f, open(dst, "r+b") as out:
-        for m in find_writers(model_type, f.keys()):
-            s = strength_of(m, plan)
-            if not s:
-                continue
-            tensor = f.get_tensor(m.name)
-            edited = edit_tensor(
-                tensor, direction_for(m, directions), m.hidden_axis, s, cfg.method == "norm-preserving"
+    edits = {m.name: m for m in find_writers(model_type, offsets) if strength_of(m, plan)}
+    order = [(n, se) for n, se in sorted(offsets.items(), key=lambda kv: kv[1][0]) if n in edits]
+    norm = cfg.method == "norm-preserving"
+    with safe_open(str(src), framework="pt") as f, open(src, "rb") as raw, open(dst, "wb") as out:
+
+        def compute(name: str) -> torch.Tensor:
+            m = edits[name]
+            return edit_tensor(
+                f.get_tensor(name), direction_for(m, directions), m.hidden_axis, strength_of(m, plan), norm
             )
-            start, end = offsets[m.name]
-            data = edited.reshape(-1).view(torch.uint8).numpy().tobytes()
-            assert len(data) == end - start, f"size changed for {m.name}"
-            out.seek(base + start)
-            out.write(data)
-            changed += 1
-    return changed
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(compute, order[0][0]) if order else None
+            _copy_range(raw, out, 0, base)
+            pos = 0
+            for i, (name, (start, end)) in enumerate(order):
+                _copy_range(raw, out, base + pos, start - pos)
+                edited = pending.result()
+                pending = pool.submit(compute, order[i + 1][0]) if i + 1 < len(order) else None
+                data = memoryview(edited.contiguous().reshape(-1).view(torch.uint8).numpy())
+                if len(data) != end - start:
+                    raise RuntimeError(f"edit changed the size of {name}")
+                out.write(data)
+                pos = end
+            _copy_range(raw, out, base + pos, raw.seek(0, 2) - base - pos)
+    return len(edits)
 
 
 def apply_streaming(

@@ -50,6 +50,12 @@ class Activations:
     extra: dict = field(default_factory=dict)
 
 
+def _unsort(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    out = torch.empty_like(rows)
+    out[torch.tensor(order)] = rows
+    return out
+
+
 def decoder_layers(model) -> Sequence[torch.nn.Module]:
     return model.get_decoder().layers
 
@@ -73,7 +79,8 @@ class _LastTokenHooks:
     def _hook(self, index: int):
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            self.captured[index] = hidden[:, -1, :].detach()
+            # clone: a view would keep the layer's whole output alive until the next batch
+            self.captured[index] = hidden[:, -1, :].detach().clone()
 
         return hook
 
@@ -99,6 +106,9 @@ def collect(
     """Mean last-token residual after every decoder layer over `prompts`."""
     batch_size = batch_size or auto_batch_size(model)
     texts = format_prompts(tokenizer, prompts)
+    # Similar lengths in a batch waste less compute on padding; means do not depend on order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    texts = [texts[i] for i in order]
     device = input_device(model)
     hooks = _LastTokenHooks(decoder_layers(model))
     running, samples, tokens = RunningMean(), [], 0
@@ -117,6 +127,6 @@ def collect(
     return Activations(
         mean=running.mean,
         count=running.count,
-        samples=torch.cat(samples) if samples else None,
+        samples=_unsort(torch.cat(samples), order) if samples else None,
         tokens=tokens,
     )

@@ -147,6 +147,7 @@ class Workbench:
         writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
         self.params = {m.name: params[m.name] for m in writers}
         self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+        self.eval_seconds = 0.0
 
     @contextmanager
     def restoring(self) -> Iterator[None]:
@@ -163,8 +164,11 @@ class Workbench:
         direction, layer = stages.chosen_direction(self.d, spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
-            return evaluate(self.model, self.tokenizer, self.harmful, self.harmless, self.trial_cfg, base=self.ref,
-                            markers=self.markers), layer
+            began = time.monotonic()
+            results = evaluate(self.model, self.tokenizer, self.harmful, self.harmless, self.trial_cfg,
+                               base=self.ref, markers=self.markers)
+            self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
+        return results, layer
 
 
 @contextmanager
@@ -256,7 +260,8 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         raise UserError(f"--trials must be at least 1, got {cfg.trials}")
     start, done = time.monotonic(), []
     for i in range(cfg.trials):
-        trial, began = study.ask(), time.monotonic()
+        began = time.monotonic()
+        trial = study.ask()
         try:
             params = suggest(trial, cfg, base)
             results, layer = bench.run(*to_edit(params, base))
@@ -264,23 +269,22 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
             study.tell(trial, state=TrialState.FAIL)
             raise
         refusal, kl = results["refusal_rate"]["model"], results["kl_divergence"]
-        trial.set_user_attr("layer", layer)
-        trial.set_user_attr("refusals", results["refusals"]["model"])
-        trial.set_user_attr("seconds", round(time.monotonic() - began, 3))
+        trial.set_user_attr("result", {"layer": layer, "refusals": results["refusals"]["model"],
+                                       "seconds": time.monotonic() - began, "eval_seconds": bench.eval_seconds})
         study.tell(trial, [refusal, kl])
         done.append(Scored(trial.number, refusal, kl, params, layer))
-        elapsed = time.monotonic() - start
-        eta = elapsed / (i + 1) * (cfg.trials - i - 1)
+        elapsed, left = time.monotonic() - start, cfg.trials - i - 1
+        eta = _fmt_time(elapsed / (i + 1) * left)
         if progress:
             progress(f"trial {trial.number} [{i + 1}/{cfg.trials}]: refusal {refusal:.1%}, KL {kl:.4f} "
-                     f"({describe(params)}) | {_fmt_time(elapsed)} elapsed, ~{_fmt_time(eta)} left")
+                     f"({describe(params)}) | {_fmt_time(elapsed)} elapsed, ~{eta} left")
     return done
 
 
 def completed(study: Any) -> list[Scored]:
     from optuna.trial import TrialState
 
-    return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("layer", {}))
+    return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("result", {}).get("layer", {}))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
@@ -358,12 +362,6 @@ class Outcome:
                 "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front]}
 
 
-def outcome(study: Any, base_rate: float, cfg: SearchConfig) -> Outcome:
-    trials = completed(study)
-    chosen, rule = choose(trials, base_rate, cfg.target, cfg.search_max_kl)
-    return Outcome(trials, pareto_front(trials), chosen, rule, cfg.target * base_rate)
-
-
 def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: dirs.Directions | None,
              say: Progress) -> tuple[Any, Workbench, stages.Prompts, Path]:
     """Prompts, study (checked early), model, directions, base reference: everything the trials need."""
@@ -413,7 +411,9 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
             f"base refusal rate {bench.base_rate:.1%}")
         run_trials(study, bench, cfg, job.edit, say)
-        result = outcome(study, bench.base_rate, cfg)
+        trials = completed(study)
+        chosen, rule = choose(trials, bench.base_rate, cfg.target, cfg.search_max_kl)
+        result = Outcome(trials, pareto_front(trials), chosen, rule, cfg.target * bench.base_rate)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
     return _save(job, cfg, bench, prompts, result, path, say)
@@ -425,8 +425,7 @@ def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stag
     direction, layer = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
     summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": str(path)}
-    sources = {"harmful": {"source": prompts.harmful.source, "split": "eval"},
-               "harmless": {"source": prompts.harmless.source, "split": "eval"}}
+    sources = {k: {"source": getattr(prompts, k).source, "split": "eval"} for k in ("harmful", "harmless")}
     with staged_folder(job.out, job.overwrite) as tmp, bench.restoring():
         say("saving the chosen edit")
         changed = stages.edit_and_save_in_memory(Loaded(bench.model, bench.tokenizer, job.model, None), direction,

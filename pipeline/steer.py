@@ -133,10 +133,11 @@ def adapter_difference(model_id: str, positive: Path, negative: Path, load: Load
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from pipeline.tune import _no_quantization, load_causal_lm
+    from pipeline.tune import _no_quantization, load_causal_lm, quiet_renames
 
     base = load_causal_lm(model_id, _no_quantization(load), place=False)
-    model = PeftModel.from_pretrained(base, str(positive), adapter_name="positive")
+    with quiet_renames():
+        model = PeftModel.from_pretrained(base, str(positive), adapter_name="positive")
     model.load_adapter(str(negative), adapter_name="negative")
     vector = {}
     for name, module in model.named_modules():

@@ -19,7 +19,9 @@ import gc
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +90,14 @@ class TuneConfig(BaseModel):
         targets: str | list[str] = names if names == "all-linear" else [n.strip() for n in names.split(",") if n]
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+@contextmanager
+def quiet_renames() -> Iterator[None]:
+    """TRL 1.16 and PEFT 0.21 still read transformers' renamed `is_gradient_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _say(progress: Progress | None, message: str) -> None:
@@ -167,10 +177,11 @@ def train_adapter(
         kwargs.pop("device_map", None)  # the trainer places each process's copy
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     trainer_cls = DPOTrainer if cfg.method == "dpo" else SFTTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                          peft_config=cfg.lora())
-    _say(progress, f"training a LoRA adapter ({cfg.method}, {len(dataset)} examples)")
-    result = trainer.train()
+    with quiet_renames():
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=cfg.lora())
+        _say(progress, f"training a LoRA adapter ({cfg.method}, {len(dataset)} examples)")
+        result = trainer.train()
     _say(progress, f"trained {result.global_step} steps, loss {result.training_loss:.4f}")
     adapter = work / ADAPTER_DIR
     trainer.save_model(str(adapter))
@@ -259,7 +270,8 @@ def write_tuned(
 
     load_plain = _no_quantization(load)  # merging needs unquantized weights
     tokenizer = load_tokenizer(local_path(model_id, load), load)
-    model = PeftModel.from_pretrained(load_causal_lm(model_id, load_plain), str(adapter))
+    with quiet_renames():
+        model = PeftModel.from_pretrained(load_causal_lm(model_id, load_plain), str(adapter))
     model.eval()
     prompts = resolve_prompts(eval_base or model_id, prompts_cfg or PromptsConfig()) if evaluate else None
     results = None
