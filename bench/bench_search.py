@@ -1,9 +1,10 @@
 """Automatic search on the demo model: cost of one trial, and time to reach the refusal/KL target.
 
 (a) One search trial (Optuna ask -> edit in place -> evaluate -> restore -> tell into the journal)
-    against one evaluation of the same, already-edited model on the same prompts with the same
-    settings (goal: trial <= 1.1x evaluation). Rounds alternate the two so that a shared machine
-    slows both alike; the median per mode counts. For scale: what reloading the model would cost.
+    against one evaluation of the same edit on the same prompts with the same settings (goal: trial
+    <= 1.1x evaluation). The headline pairs each trial with the evaluation inside it (same time window,
+    so a shared machine slows both alike); a separate evaluation after each trial checks that it is the
+    same work (same scores, similar time). For scale: what reloading the model would cost.
 (b) Wall time of `search()` until the first trial with refusal <= 10% and KL <= 0.1 on the held-out
     evaluation prompts, counted from the call (load, directions, base reference included), for a
     study that starts from the plain edit (the default) and for one that starts from random trials.
@@ -31,7 +32,7 @@ TARGET_REFUSAL, TARGET_KL = 0.10, 0.10
 
 
 def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
-    """Median seconds of one search trial and of one evaluation of the same edit, interleaved."""
+    """Seconds of one search trial, of the evaluation inside it, and of a separate evaluation of the same edit."""
     from pipeline import search as se
     from pipeline.abliterate import EditConfig, apply_in_memory
     from pipeline.evaluate import evaluate, reference
@@ -44,14 +45,15 @@ def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
     params = se.from_edit(EditConfig(), d, cfg)
     edit, spec = se.to_edit(params, EditConfig())
     direction, _ = se.stages.chosen_direction(d, spec, edit)
+    trial_s, inner_s, eval_s, scores = [], [], [], set()
     with se.quiet_optuna():
         study = se.open_study(work / "cost.study.journal", cfg)
-        trial_s, eval_s, scores = [], [], set()
         for _ in range(rounds):
-            study.enqueue_trial(params)
+            study.enqueue_trial(params)  # the same edit every round
             start = time.perf_counter()
             (done,) = se.run_trials(study, bench, cfg, EditConfig(), progress=None)
             trial_s.append(time.perf_counter() - start)
+            inner_s.append(bench.eval_seconds)  # the evaluation inside that trial: same time window
             with bench.restoring():
                 apply_in_memory(loaded.model, direction, edit, bench.num_layers, bench.model_type)
                 start = time.perf_counter()
@@ -67,11 +69,12 @@ def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
     start = time.perf_counter()
     load_model("demo")
     reload_s = time.perf_counter() - start
-    t, e = statistics.median(trial_s), statistics.median(eval_s)
-    return {"trial_s": trial_s, "eval_s": eval_s, "trial_median_s": t, "eval_median_s": e, "ratio": t / e,
-            "ratio_of_best": min(trial_s) / min(eval_s),
-            "edit_and_restore_s": edit_restore, "reload_s": reload_s, "same_scores": len(scores) == 1,
-            "scores": sorted(scores)[0]}
+    paired = statistics.median(t / i for t, i in zip(trial_s, inner_s, strict=True))
+    return {"trial_s": trial_s, "eval_inside_trial_s": inner_s, "eval_s": eval_s, "ratio": paired,
+            "ratio_vs_separate_eval_median": statistics.median(trial_s) / statistics.median(eval_s),
+            "ratio_vs_separate_eval_best": min(trial_s) / min(eval_s), "trial_median_s": statistics.median(trial_s),
+            "eval_median_s": statistics.median(eval_s), "edit_and_restore_s": edit_restore, "reload_s": reload_s,
+            "same_scores": len(scores) == 1, "scores": sorted(scores)[0]}
 
 
 def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default: bool, seed: int, work: Path) -> dict:
@@ -142,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         d = dirs.load(args.directions) if args.directions else measure_directions(
             loaded, prompts, dirs.DirectionsConfig())
         cost = trial_cost(loaded, d, prompts, eval_cfg, args.rounds, work)
-        print(f"(a) trial {cost['trial_median_s']:.2f} s vs evaluation {cost['eval_median_s']:.2f} s (medians of "
-              f"{args.rounds}) = {cost['ratio']:.3f}x (best of each: {cost['ratio_of_best']:.3f}x); edit+restore "
-              f"{cost['edit_and_restore_s'] * 1000:.0f} ms; a reload would add {cost['reload_s']:.2f} s; "
+        print(f"(a) one trial / the evaluation inside it: {cost['ratio']:.3f}x (median of {args.rounds} rounds); "
+              f"trial {cost['trial_median_s']:.2f} s vs a separate evaluation {cost['eval_median_s']:.2f} s (medians"
+              f" {cost['ratio_vs_separate_eval_median']:.3f}x, best {cost['ratio_vs_separate_eval_best']:.3f}x); "
+              f"edit+restore {cost['edit_and_restore_s'] * 1000:.0f} ms; a reload would add {cost['reload_s']:.2f} s; "
               f"identical scores: {cost['same_scores']}")
         starts = [(True, 0)] + [(False, seed) for seed in range(args.random_seeds)]
         runs = [] if args.skip_b else [time_to_target(args.directions, eval_cfg, args.trials, default, seed, work)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,10 +31,11 @@ from pipeline.evaluate import EvalConfig, classify, evaluate, markers_for, refer
 from pipeline.kernels import PRESETS, ComponentKernel
 from pipeline.loading import Loaded, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
-from pipeline.run import AbliterateJob
+
+if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
+    from pipeline.run import AbliterateJob
 
 log = logging.getLogger(__name__)
-
 Progress = Callable[[str], None]
 STUDY_NAME = "abliterate"
 SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
@@ -53,8 +54,8 @@ class SearchConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     trials: int = Field(40, ge=1, description="Trials to run now; they add to those already in the study.")
-    study: Path | None = Field(None, description="Optuna journal file holding the study; re-running with it "
-                               "continues the study (default: <out>.study.journal).")
+    study: Path | None = Field(None, description="Optuna journal file of the study, <out>.study.journal when "
+                               "unset; re-running with the same file continues the study.")
     target: float = Field(0.1, gt=0, le=1, description="Refusal target as a fraction of the base model's "
                           "refusal rate: the lowest-KL trial at or below it is chosen.")
     search_max_kl: float | None = Field(

@@ -15,6 +15,7 @@ and the abliterated model (answers), then DPO on the abliterated model.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
@@ -364,6 +365,8 @@ def heal(
     }
     try:
         training = load_training_data(data, "dpo")
+        if pairs_info is not None:  # generated here: name the copy kept in the output folder
+            training = dataclasses.replace(training, source="heal_pairs.jsonl")
         files = {"heal_pairs.jsonl": Path(data)} if pairs_info is not None else None
         return tune(abliterated, training, out, cfg, load, prompts_cfg, eval_cfg, evaluate, base_model, overwrite,
                     recipe_extra=extra, extra_files=files, progress=progress)
@@ -377,4 +380,5 @@ if __name__ == "__main__":  # `python -m pipeline.tune ...` and `accelerate laun
 
     from pipeline.tune_cli import main
 
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    flags = [a for a in sys.argv[1:] if a in ("-v", "--verbose")]
+    sys.exit(main([*flags, "tune", *[a for a in sys.argv[1:] if a not in flags]]))

@@ -25,6 +25,18 @@ DPO = TuneConfig(max_steps=16, batch_size=8, grad_accum=1, max_length=96, learni
                  keep_adapter=True, logging_steps=4)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: the demo's tiny matrices gain nothing from a second thread, and on
+    a shared 2-core machine OpenMP's spin-waiting made training and generation 10-70x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def quick_eval():
     from pipeline.evaluate import EvalConfig
 
@@ -38,7 +50,9 @@ def dpo(tmp_path_factory):
     cpu, wall = time.process_time(), time.perf_counter()
     summary = tune("demo", str(pairs), out, DPO, eval_cfg=quick_eval())
     timing = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
-    print(f"DPO tune (train + merge + evaluation): {timing}")
+    rate = summary["eval"]["refusal_rate"]
+    print(f"DPO on {summary['recipe']['data']['examples']} pairs: refusal rate {rate['base']:.1%} -> "
+          f"{rate['model']:.1%}; train + merge + evaluation {timing['cpu_s']:.0f} s CPU, {timing['wall_s']:.0f} s wall")
     return out, summary, timing
 
 
@@ -145,7 +159,7 @@ def test_heal_with_given_pairs_records_both_stages(tmp_path):
     cfg = TuneConfig(max_steps=1, batch_size=2, grad_accum=1, max_length=64, learning_rate=1e-4)
     summary = heal(abliterated_demo(), "demo", out, cfg, data=str(demo_pairs_file()), evaluate=False)
     recipe = summary["recipe"]
-    assert recipe["kind"] == "dpo" and recipe["base_model"] == "demo"
+    assert recipe["kind"] == "dpo" and recipe["base_model"] == "demo" and recipe["heal_pairs"] is None
     assert recipe["tuned_model"] == str(abliterated_demo())
     assert recipe["abliteration"]["kind"] == "abliterated"
     with pytest.raises(UserError, match="healing uses DPO"):
@@ -196,18 +210,31 @@ def test_existing_output_is_kept(tmp_path, capsys):
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
-def test_accelerate_launch_single_process_cpu(tmp_path):
-    """The training entry point runs unchanged under `accelerate launch` (1 CPU process, 1 step)."""
+def launch(tmp_path, mode: list[str], threads: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`accelerate launch ... -m pipeline.tune` (1 step, 4 pairs, no evaluation) in a subprocess."""
     out = tmp_path / "launched"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "pipeline.tune", "demo", "--data", "demo-pairs", "--max-examples", "4", "--out", str(out),
            "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--max-length", "64", "--no-eval"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"output: {out}" in proc.stdout
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["kind"] == "dpo" and recipe["data"]["examples"] == 4
     assert recipe["command"].startswith("python -m pipeline tune demo --data demo-pairs")
-    assert (out / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and not list(tmp_path.glob(".*"))
+    return proc, out
+
+
+def test_accelerate_launch_single_process_cpu(tmp_path):
+    """The training entry point runs unchanged under `accelerate launch` (1 CPU process, 1 step)."""
+    proc, out = launch(tmp_path, ["--cpu", "--num_processes", "1"], "1")
+    assert f"output: {out}" in proc.stdout
+
+
+def test_accelerate_launch_two_processes_cpu(tmp_path):
+    """Data parallel over 2 CPU processes (gloo): both train, only the main process writes the output."""
+    proc, out = launch(tmp_path, ["--multi_gpu", "--num_processes", "2"], "1")
+    assert proc.stdout.count("training a LoRA adapter") == 2
+    assert proc.stdout.count(f"output: {out}") == 1
