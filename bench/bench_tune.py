@@ -5,7 +5,9 @@ steps; each mode runs in its own child process so its peak RSS (and, on a GPU, i
 allocated GPU memory) is its own. LoRA: TRL `DPOTrainer` with a PEFT `LoraConfig` (the
 reference is the model with the adapter disabled). Full: the same trainer without PEFT
 (TRL then keeps a frozen copy of the model as the reference, and AdamW holds two moments
-per weight). The first `--warmup` steps are not timed.
+per weight). The first `--warmup` steps are not timed. Each child uses one torch thread by
+default (`--threads 0`: torch's default): on a shared 2-core machine OpenMP's spin-waiting
+made two threads up to 17x slower than one, which drowns the LoRA/full difference.
 
     .venv/bin/python bench/bench_tune.py                 # the demo model (6 layers, hidden 128)
     .venv/bin/python bench/bench_tune.py --hidden 512    # a random qwen2 with the demo tokenizer, 8 layers
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=96, help="tokens per sequence")
-    parser.add_argument("--threads", type=int, help="torch threads per child (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1; 0: torch's)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_tune.json", help="results file")
     parser.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(random_model(args.hidden, args.layers)) if args.hidden else args.model
     print(f"DPO on {'demo' if model == 'demo' else model}: {args.steps} timed steps (+{args.warmup} warm-up), "
-          f"batch {args.batch_size} pairs, max length {args.max_length}, CPU threads {args.threads or 'default'}")
+          f"batch {args.batch_size} pairs, max length {args.max_length}, torch threads {args.threads or 'default'}")
     results = {mode: run_child(mode, args, model) for mode in ("lora", "full")}
     print("| mode | trainable params | steps/s | peak RSS (MB) | RSS before training (MB) | wall (s) |")
     print("|---|---|---|---|---|---|")

@@ -30,7 +30,10 @@ def _abliterate_parser(sub) -> None:
     p.add_argument("--streaming", action="store_true", help="Edit the safetensors shards one at a time.")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     p.add_argument("--no-eval", action="store_true", help="Skip the before/after evaluation.")
-    for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig):
+    p.add_argument("--auto", action="store_true", help="Search the edit parameters (Optuna) and save the chosen trial.")
+    from pipeline.search import SearchConfig
+
+    for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig, SearchConfig):
         add_config_args(p, cls)
     _add_eval_args(p, prefix="eval-")
     p.set_defaults(func=cmd_abliterate)
@@ -166,7 +169,14 @@ def cmd_abliterate(args) -> int:
         edit=config_from_args(EditConfig, args),
         eval=_eval_config(args, prefix="eval-"),
     )
-    summary = abliterate(job, progress=print)
+    if args.auto:
+        from pipeline.search import SearchConfig, search
+
+        summary = search(job, config_from_args(SearchConfig, args), progress=print)
+    else:
+        if args.trials is not None or args.study is not None:
+            raise UserError("--trials and --study belong to the automatic search: add --auto")
+        summary = abliterate(job, progress=print)
     print_summary(summary)
     return 0
 
@@ -190,6 +200,7 @@ STAGE_CONFIGS = (
     ("pipeline.directions", "DirectionsConfig"),
     ("pipeline.abliterate", "EditConfig"),
     ("pipeline.evaluate", "EvalConfig"),
+    ("pipeline.search", "SearchConfig"),
 )
 
 

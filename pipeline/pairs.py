@@ -336,18 +336,26 @@ def pairs(
     column: str | None = None,
     markers_file: str | None = None,
     overwrite: bool = False,
+    eval_fraction: float = 0.25,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The `pairs` command: prompts from a spec (its measurement part), pairs written as JSONL."""
+    """The `pairs` command: the spec's measurement part, pairs written as JSONL.
+
+    The part is split off as `pipeline.stages.resolve_prompts` does (predefined eval part, else
+    ``eval_fraction`` held out with ``seed``), so with the same settings the evaluation of a
+    model tuned on these pairs runs on prompts it never saw.
+    """
     from pipeline.evaluate import load_markers
     from pipeline.loading import is_demo
-    from pipeline.prompts import load_prompts
+    from pipeline.prompts import load_prompts, split_prompts
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"'{out}' already exists: pass --overwrite to replace it, or choose another --out")
     spec = prompts_spec or ("demo-harmful" if is_demo(base) else "censored")
-    prompts = list(load_prompts(spec, split=split, column=column).prompts)[:max_prompts]
+    part = split_prompts(load_prompts(spec, split=split, column=column), eval_fraction=eval_fraction, seed=seed)
+    prompts = list(part.measure)[:max_prompts]
     markers = load_markers(markers_file) if markers_file else None
     rows, stats = make_pairs(base, edited, prompts, load, max_new_tokens, batch_size, markers, progress)
     write_jsonl(rows, out, overwrite=overwrite)

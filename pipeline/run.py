@@ -203,9 +203,22 @@ def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
     if job.method == "abliterate":
         _abliterate_stage(job, out, progress)
     elif job.method == "auto":
-        from pipeline.search import run_search
+        from pipeline import evaluate as ev
+        from pipeline.search import SearchConfig, search
 
-        run_search(job.model, out, job.options, progress)
+        load, prompts, measure, edit, eval_cfg, search_cfg = _configs(
+            job.options,
+            LoadConfig,
+            stages.PromptsConfig,
+            dirs.DirectionsConfig,
+            EditConfig,
+            ev.EvalConfig,
+            SearchConfig,
+        )
+        ajob = AbliterateJob(
+            model=job.model, out=out, load=load, prompts=prompts, measure=measure, edit=edit, eval=eval_cfg
+        )
+        search(ajob, search_cfg, progress=progress or print)
     else:
         from pipeline.tune_run import run_tuning
 

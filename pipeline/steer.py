@@ -252,8 +252,12 @@ def steer(
     """Write θ + k·w into ``out``; w is read from an existing ``vector`` file, else trained and saved there."""
     if not math.isfinite(k):
         raise UserError(f"k must be a finite number (got {k})")
+    from pipeline.tune import check_eval_inputs
+
     out = Path(out)
     check_target(out, overwrite)
+    if evaluate:
+        check_eval_inputs(model_id, prompts_cfg, eval_cfg)
     vector_path = Path(vector) if vector else out.parent / f"{out.name}.vector.safetensors"
     if vector and vector_path.is_file():
         _say(progress, f"using the steering vector {vector_path} (no training)")

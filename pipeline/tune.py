@@ -106,7 +106,19 @@ def _say(progress: Progress | None, message: str) -> None:
 
 
 def _no_quantization(load: LoadConfig) -> LoadConfig:
-    return load.model_copy(update={"load_in_4bit": False, "device_map": None})
+    return load.model_copy(update={"load_in_4bit": False})
+
+
+def check_eval_inputs(model_id: str, prompts_cfg: PromptsConfig | None, eval_cfg) -> None:
+    """Resolve the evaluation prompts and markers now, so bad input fails before any training."""
+    from pipeline import evaluate as ev
+    from pipeline.stages import resolve_prompts
+
+    resolve_prompts(model_id, prompts_cfg or PromptsConfig())
+    cfg = eval_cfg or ev.EvalConfig()
+    ev.markers_for(cfg)
+    if cfg.perplexity and cfg.perplexity_file and not Path(cfg.perplexity_file).is_file():
+        raise UserError(f"perplexity text not found: {cfg.perplexity_file}")
 
 
 def load_causal_lm(model_id: str, load: LoadConfig = LoadConfig(), place: bool = True):
@@ -315,6 +327,8 @@ def tune(
     check_target(out, overwrite)
     if isinstance(data, str):
         data = load_training_data(data, cfg.method, split=data_split, limit=max_examples)
+    if evaluate:
+        check_eval_inputs(eval_base or model_id, prompts_cfg, eval_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.train-", dir=out.parent))  # one per process
     try:

@@ -21,8 +21,9 @@ PROMPT_SKIP = ("seed",)  # the tuning seed also seeds the evaluation split
 
 
 def _command(name: str) -> str:
+    """The command line for recipe.json, also when run as `python -m pipeline.tune` or under accelerate."""
     args = sys.argv[1:]
-    if args[:1] != [name]:
+    if name not in args:
         args = [name, *args]
     return "python -m pipeline " + shlex.join(args)
 
@@ -101,8 +102,8 @@ def _pairs_parser(sub) -> None:
     p = sub.add_parser("pairs", help="DPO pairs from two models: base refusal rejected, edited answer chosen.")
     p.add_argument("--model", required=True, help="The base model (its refusals become `rejected`).")
     p.add_argument("--edited", required=True, help="The edited model (its answers become `chosen`).")
-    p.add_argument("--prompts", help="Prompt set (its measurement part; default: demo-harmful for demo, "
-                   "else censored).")
+    p.add_argument("--prompts", help="Prompt set (its measurement part: the evaluation part stays held out; "
+                   "default: demo-harmful for demo, else censored).")
     p.add_argument("--out", required=True, type=Path, help="Output .jsonl file (prompt, chosen, rejected).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
     p.add_argument("--max-new-tokens", type=int, default=64, help="New tokens per response (default: 64).")
@@ -111,6 +112,9 @@ def _pairs_parser(sub) -> None:
     p.add_argument("--split", default="train", help="Split of a Hub prompt dataset (default: train).")
     p.add_argument("--column", help="Text column of a prompt dataset or table file (default: auto-detected).")
     p.add_argument("--markers-file", help="Extra refusal markers (.json or .txt), as for evaluate.")
+    p.add_argument("--eval-fraction", type=float, default=0.25, help="Share held out for evaluation (not used "
+                   "here) when the set has no eval part, as in tune/abliterate (default: 0.25).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of that split (default: 0).")
     _add_common(p, evaluation=False)
     p.set_defaults(func=cmd_pairs)
 
@@ -126,7 +130,7 @@ def cmd_pairs(args) -> int:
     stats = pairs(args.model, args.edited, args.prompts, args.out, load=config_from_args(LoadConfig, args),
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, max_prompts=args.max_prompts,
                   split=args.split, column=args.column, markers_file=args.markers_file, overwrite=args.overwrite,
-                  progress=print)
+                  eval_fraction=args.eval_fraction, seed=args.seed, progress=print)
     print(f"{stats['prompts']} prompts: base refused {stats['base_refused']}, edited refused "
           f"{stats['edited_refused']}; {stats['pairs']} pairs written to {stats['out']}")
     return 0

@@ -191,6 +191,9 @@ def test_add_parsers_registers_the_commands():
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--beta", "0"], "--beta"),
         ('{"prompt": "a", "completion": "b"}\n', [], "missing column 'chosen'"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--max-examples", "0"], "--max-examples"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--harmful", "no_such_file.txt"], "not found"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--eval-markers-file", "none.json"],
+         "markers file not found"),
     ],
 )
 def test_bad_input_is_one_line_before_any_training(tmp_path, capsys, content, extra, needle):
