@@ -31,6 +31,9 @@ def _abliterate_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     p.add_argument("--no-eval", action="store_true", help="Skip the before/after evaluation.")
     p.add_argument("--auto", action="store_true", help="Search the edit parameters (Optuna) and save the chosen trial.")
+    p.add_argument(
+        "--heal", action="store_true", help="Then DPO the abliterated model on its own pairs (abliterate-then-heal)."
+    )
     from pipeline.search import SearchConfig
 
     for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig, SearchConfig):
@@ -169,6 +172,8 @@ def cmd_abliterate(args) -> int:
         edit=config_from_args(EditConfig, args),
         eval=_eval_config(args, prefix="eval-"),
     )
+    if args.heal:
+        return _abliterate_and_heal(job, args)
     if args.auto:
         from pipeline.search import SearchConfig, search
 
@@ -178,6 +183,33 @@ def cmd_abliterate(args) -> int:
             raise UserError("--trials and --study belong to the automatic search: add --auto")
         summary = abliterate(job, progress=print)
     print_summary(summary)
+    return 0
+
+
+def _abliterate_and_heal(job, args) -> int:
+    """Abliterate into OUT.abliterated, then DPO it on base-refusal vs abliterated-answer pairs into OUT."""
+    from dataclasses import replace
+
+    from pipeline.run import abliterate
+    from pipeline.tune import TuneConfig, heal
+
+    stage = job.out.with_name(job.out.name + ".abliterated")
+    if not (stage / "recipe.json").exists():
+        abliterate(replace(job, out=stage, evaluate=False, overwrite=True), progress=print)
+    summary = heal(
+        stage,
+        job.model,
+        job.out,
+        TuneConfig(method="dpo"),
+        load=job.load,
+        prompts_cfg=job.prompts,
+        eval_cfg=job.eval,
+        evaluate=job.evaluate,
+        overwrite=job.overwrite,
+        progress=print,
+    )
+    if summary:
+        print_summary(summary)
     return 0
 
 
@@ -201,6 +233,8 @@ STAGE_CONFIGS = (
     ("pipeline.abliterate", "EditConfig"),
     ("pipeline.evaluate", "EvalConfig"),
     ("pipeline.search", "SearchConfig"),
+    ("pipeline.tune", "TuneConfig"),
+    ("pipeline.steer", "SteerConfig"),
 )
 
 
@@ -221,6 +255,12 @@ def _run_parser(sub) -> None:
     p.add_argument("--no-push", action="store_true", help="Stop after the card; upload nothing.")
     p.add_argument("--layer", help="Direction layer: an index, 'best', or a fraction.")
     p.add_argument("--edit-method", choices=["standard", "projected", "norm-preserving"], help="Abliteration method.")
+    tuning = p.add_argument_group("DPO and steering data")
+    tuning.add_argument("--data", help="--method dpo: preference pairs (JSONL, Hub dataset, or demo-pairs).")
+    tuning.add_argument("--positive", help="--method steer: data showing the behaviour (default demo-refusals).")
+    tuning.add_argument("--negative", help="--method steer: data without it (default demo-answers).")
+    tuning.add_argument("--k", type=float, help="--method steer: steering strength; negative removes the behaviour.")
+    tuning.add_argument("--vector", help="--method steer: a saved steering vector (skips training).")
     seen: set[str] = {"method"}
     for cls in _stage_classes():
         add_config_args(p, cls, skip=seen)
@@ -293,7 +333,7 @@ def _extra_commands():
     import importlib
 
     found = []
-    for module, name in (("pipeline.evaluate", "add_parser"),):
+    for module, name in (("pipeline.tune_cli", "add_parsers"),):
         try:
             found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):

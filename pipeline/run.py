@@ -220,9 +220,37 @@ def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
         )
         search(ajob, search_cfg, progress=progress or print)
     else:
-        from pipeline.tune_run import run_tuning
+        _tune_stage(job, out, progress)
 
-        run_tuning(job.method, job.model, out, job.options, progress)
+
+def _tune_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
+    """DPO/LoRA or contrastive weight steering; both evaluate into the output folder themselves."""
+    from pipeline import evaluate as ev
+
+    load, prompts, eval_cfg = _configs(job.options, LoadConfig, stages.PromptsConfig, ev.EvalConfig)
+    common = {"load": load, "prompts_cfg": prompts, "eval_cfg": eval_cfg, "progress": progress}
+    if job.method == "dpo":
+        from pipeline.tune import TuneConfig, tune
+
+        cfg = _configs({**job.options, "method": "dpo"}, TuneConfig)[0]
+        tune(job.model, job.options.get("data", "demo-pairs"), out, cfg, **common)
+        return
+    from pipeline.steer import SteerConfig, steer
+
+    cfg = _configs(job.options, SteerConfig)[0]
+    opts = job.options
+    positive, negative = opts.get("positive", "demo-refusals"), opts.get("negative", "demo-answers")
+    vector = Path(opts["vector"]) if opts.get("vector") else None
+    steer(
+        job.model,
+        out,
+        float(opts.get("k", -2.0)),
+        positive=positive,
+        negative=negative,
+        vector=vector,
+        cfg=cfg,
+        **common,
+    )
 
 
 def _evaluate_folder(job: RunJob, out: Path, progress: Progress | None) -> dict:

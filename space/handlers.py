@@ -189,8 +189,8 @@ def abliterate_and_publish(
     mode: str = "preset", preset: str = "standard", edit_method: str = "standard", layer: str = "best",
     attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 2.0, mlp_strength: float = 1.0,
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
-    dpo_steps: int = 20, learning_rate: float = 5e-5, lora_r: int = 16, beta: float = 0.1,
-    steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 1.0,
+    dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
+    steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
     max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
     oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple]:
@@ -215,8 +215,8 @@ def run_without_publishing(
     mode: str = "preset", preset: str = "standard", edit_method: str = "standard", layer: str = "best",
     attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 2.0, mlp_strength: float = 1.0,
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
-    dpo_steps: int = 20, learning_rate: float = 5e-5, lora_r: int = 16, beta: float = 0.1,
-    steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 1.0,
+    dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
+    steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
     max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
     progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple]:

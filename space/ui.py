@@ -74,15 +74,15 @@ def _tune_tabs(c: dict) -> None:
         c["dpo_data"] = gr.Textbox(value="demo-pairs", label="Preference data (prompt/chosen/rejected: "
                                    ".jsonl file, Hub dataset or demo-pairs)")
         with gr.Row():
-            c["dpo_steps"] = gr.Number(value=20, precision=0, minimum=1, label="Training steps")
-            c["learning_rate"] = gr.Number(value=5e-5, label="Learning rate")
+            c["dpo_steps"] = gr.Number(value=16, precision=0, minimum=1, label="Training steps")
+            c["learning_rate"] = gr.Number(value=5e-4, label="Learning rate")
             c["lora_r"] = gr.Number(value=16, precision=0, minimum=1, label="LoRA rank")
             c["beta"] = gr.Number(value=0.1, label="DPO beta")
     with gr.Tab("Weight steering", id="steer") as steer:
         with gr.Row():
             c["steer_positive"] = gr.Textbox(value="demo-answers", label="Positive data (behaviour to add)")
             c["steer_negative"] = gr.Textbox(value="demo-refusals", label="Negative data (behaviour to remove)")
-        c["steer_k"] = gr.Slider(-3, 3, value=1.0, step=0.1, label="k (steering strength)")
+        c["steer_k"] = gr.Slider(-3, 3, value=2.0, step=0.1, label="k (steering strength)")
     c["_tabs"] = (dpo, steer)
 
 

@@ -77,7 +77,9 @@ def test_kernel_overrides_refine_the_preset():
 
 def _residual_after_layers(model, ids):
     captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for layer in model.get_decoder().layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: captured.append(o.detach())) for layer in model.get_decoder().layers
+    ]
     with torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
@@ -93,7 +95,8 @@ def test_in_memory_edit_makes_every_layer_output_orthogonal(model_type):
     cfg = EditConfig(embed_strength=1.0, attn=ComponentKernel(width=5), mlp=ComponentKernel(width=5))
     assert all(abs(s - 1.0) < 0.01 for s in strengths(cfg, n)["attn"])
     exact = EditConfig(
-        embed_strength=1.0, attn=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
+        embed_strength=1.0,
+        attn=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
         mlp=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
     )
     changed = apply_in_memory(model, r, exact, n, model_type_of(model.config))

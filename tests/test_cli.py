@@ -87,7 +87,10 @@ def test_private_hub_model_without_token(capsys, tmp_path, hub):
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "abliterate", "./missing-model", "--out", str(tmp_path / "o")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in proc.stderr

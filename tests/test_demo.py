@@ -43,8 +43,15 @@ def test_cache_is_reused(demo_dir):
 
 
 def test_build_is_deterministic(tmp_path):
-    spec = demo.DemoSpec(vocab_size=400, hidden_size=32, num_layers=2, intermediate_size=64,
-                         capability_steps=6, safety_steps=3, batch_size=8)
+    spec = demo.DemoSpec(
+        vocab_size=400,
+        hidden_size=32,
+        num_layers=2,
+        intermediate_size=64,
+        capability_steps=6,
+        safety_steps=3,
+        batch_size=8,
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()

@@ -80,8 +80,9 @@ def test_holdout_is_disjoint_and_spread():
 
 def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_prompts):
     cfg = dirs.DirectionsConfig(batch_size=32)
-    d = dirs.measure(demo_loaded.model, demo_loaded.tokenizer, demo_prompts.harmful.measure,
-                     demo_prompts.harmless.measure, cfg)
+    d = dirs.measure(
+        demo_loaded.model, demo_loaded.tokenizer, demo_prompts.harmful.measure, demo_prompts.harmless.measure, cfg
+    )
     assert d.directions.shape == (6, 128)
     assert torch.allclose(d.directions.norm(dim=-1), torch.ones(6), atol=1e-5)
     assert all(s.valid and s.accuracy >= 0.9 for s in d.stats)

@@ -57,14 +57,22 @@ def test_interrupted_run_resumes_after_the_measurement(hub, tmp_path, capsys):
 
 def test_batch_recipe_continues_past_a_failed_job(hub, alice, tmp_path, capsys):
     recipe = tmp_path / "jobs.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "defaults": {"private": True},
-        "jobs": [
-            {"model": "./no-such-model", "repo_id": "alice/broken", "out": str(tmp_path / "a")},
-            {"model": "demo", "repo_id": "alice/demo-batch", "out": str(tmp_path / "b"),
-             "options": {"preset": "aggressive"}},
-        ],
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"private": True},
+                "jobs": [
+                    {"model": "./no-such-model", "repo_id": "alice/broken", "out": str(tmp_path / "a")},
+                    {
+                        "model": "demo",
+                        "repo_id": "alice/demo-batch",
+                        "out": str(tmp_path / "b"),
+                        "options": {"preset": "aggressive"},
+                    },
+                ],
+            }
+        )
+    )
     code = main(["run", "--recipe", str(recipe)])
     printed = capsys.readouterr()
     assert code == 2

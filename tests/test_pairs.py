@@ -205,3 +205,15 @@ def test_builtin_sets():
         assert len(data.examples) == (160 if name == "demo-pairs" else 320)
     pairs = load_training_data("demo-pairs").examples
     assert all(p["chosen"] != p["rejected"] for p in pairs)
+
+
+def test_hub_dataset_rows_are_validated_and_listed(monkeypatch):
+    import datasets
+
+    rows = [GOOD, {"prompt": "x", "chosen": "y"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, revision=None: datasets.Dataset.from_list(
+        rows[:1] if split == "train" else rows))
+    data = load_training_data("owner/prefs")
+    assert data.hub and data.examples == (GOOD,) and data.record()["source"] == "owner/prefs"
+    with pytest.raises(UserError, match="Hub dataset 'owner/prefs' row 2: missing column 'rejected'"):
+        load_training_data("owner/prefs", split="test")

@@ -58,8 +58,15 @@ def test_output_folder_contract(abliterated):
     assert {"torch", "transformers", "python"} <= set(recipe["versions"])
     for name, digest in recipe["shards"].items():
         assert sha256_file(out / name) == digest
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "directions.safetensors",
-                 "directions.json", "directions.png", "strengths.png"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "directions.safetensors",
+        "directions.json",
+        "directions.png",
+        "strengths.png",
+    ):
         assert (out / name).exists(), name
     assert not list(out.parent.glob(".*tmp*"))
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -96,6 +103,17 @@ def test_evaluate_command_refuses_a_base_that_refuses_nothing(abliterated, capsy
     from pipeline.cli import main
 
     out, _ = abliterated
-    code = main(["evaluate", str(out), "--base", "demo", "--harmful", "demo-harmless", "--max-new-tokens", "8",
-                 "--no-perplexity"])
+    code = main(
+        [
+            "evaluate",
+            str(out),
+            "--base",
+            "demo",
+            "--harmful",
+            "demo-harmless",
+            "--max-new-tokens",
+            "8",
+            "--no-perplexity",
+        ]
+    )
     assert code == 2 and "nothing to remove" in capsys.readouterr().err

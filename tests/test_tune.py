@@ -15,7 +15,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.output import sha256_file
-from pipeline.tune import TuneConfig, heal, tune
+from pipeline.tune import TuneConfig, heal, quiet_renames, tune
 from pipeline.tune_cli import add_parsers, main
 from tests.test_pairs import abliterated_demo, demo_pairs_file
 
@@ -116,7 +116,8 @@ def test_merged_logits_equal_base_plus_adapter(dpo, demo_loaded):
     out, _, _ = dpo
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(local_path("demo")).eval()
-    with_adapter = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    with quiet_renames():
+        with_adapter = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     tok = demo_loaded.tokenizer
     texts = tok.apply_chat_template([[{"role": "user", "content": "Tell me about the Dalai Lama."}],
                                      [{"role": "user", "content": "Explain volcanoes to me."}]],
@@ -149,9 +150,10 @@ def test_sft_adapter_only_loads_with_peft(tmp_path, demo_loaded):
     assert config["r"] == 4 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert Path(config["base_model_name_or_path"]) == local_path("demo").resolve()
     base = AutoModelForCausalLM.from_pretrained(local_path("demo"))
-    model = PeftModel.from_pretrained(base, str(out))
+    with quiet_renames():
+        model = PeftModel.from_pretrained(base, str(out))
+        assert AutoPeftModelForCausalLM.from_pretrained(str(out)) is not None
     assert len([n for n, _ in model.named_parameters() if "lora_A" in n]) == 12  # 6 layers x (q, v)
-    assert AutoPeftModelForCausalLM.from_pretrained(str(out)) is not None
 
 
 def test_heal_with_given_pairs_records_both_stages(tmp_path):
