@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_directions.py
 	$(BIN)/python bench/bench_generation.py
 	$(BIN)/python bench/bench_streaming.py
+	$(BIN)/python bench/bench_search.py
+	$(BIN)/python bench/bench_tune.py
 
 clean:
 	rm -rf out tests/_output bench/results
