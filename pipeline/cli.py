@@ -342,7 +342,11 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run_parser(build_parser(), argv)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run a command: one-line errors and the documented exit codes."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

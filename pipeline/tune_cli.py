@@ -8,7 +8,6 @@ also the entry point under ``accelerate launch -m pipeline.tune``).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import shlex
 import sys
@@ -216,13 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone runner with the main CLI's conventions (one-line errors, exit codes)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written to the output folder", file=sys.stderr)
-        return 130
+    from pipeline.cli import run_parser
+
+    return run_parser(build_parser(), argv)

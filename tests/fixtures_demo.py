@@ -35,3 +35,15 @@ def demo_dirs(tmp_path_factory, demo_loaded, demo_prompts):
     folder = tmp_path_factory.mktemp("demo_dirs")
     dirs.save(measure_directions(demo_loaded, demo_prompts, dirs.DirectionsConfig()), folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the demo's tiny matrices gain nothing from a second thread, and on
+    a shared 2-core machine OpenMP's spin-waiting made training and generation 10-70x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

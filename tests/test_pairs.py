@@ -23,16 +23,7 @@ SOURCES = ("abliterate.py", "activations.py", "directions.py", "kernels.py", "st
 PAIRS_TOKENS = "40"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: the demo's tiny matrices gain nothing from a second thread, and on
-    a shared 2-core machine OpenMP's spin-waiting made training and generation 10-70x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cache_key() -> str:

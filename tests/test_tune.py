@@ -25,16 +25,7 @@ DPO = TuneConfig(max_steps=16, batch_size=8, grad_accum=1, max_length=96, learni
                  keep_adapter=True, logging_steps=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: the demo's tiny matrices gain nothing from a second thread, and on
-    a shared 2-core machine OpenMP's spin-waiting made training and generation 10-70x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_eval():
