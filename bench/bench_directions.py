@@ -59,7 +59,7 @@ def build_model(args, vocab_size: int, pad_id: int):
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        vocab_size=vocab_size,
+        vocab_size=max(vocab_size, args.vocab),
         pad_token_id=pad_id,
         tie_word_embeddings=False,
     )
@@ -91,6 +91,7 @@ def hook_retention(model, enc) -> tuple[int, int]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size, as in a real model (default 32000)")
     p.add_argument("--intermediate", type=int, default=2816, help="MLP intermediate size (default 2816)")
     p.add_argument(
         "--layers", type=int, default=4, help="decoder layers (default 4; every mode scales with depth alike)"
@@ -152,6 +153,14 @@ def main(argv=None) -> int:
     )
 
     @torch.inference_mode()
+    def toolkit(chunk):
+        """The original toolkit's way: one prompt at a time, the full model with output_hidden_states."""
+        for text in format_prompts(tokenizer, chunk):
+            enc = encode_batch(tokenizer, [text], device)
+            out = model(**enc, output_hidden_states=True, use_cache=False)
+            [h[:, -1].double() for h in out.hidden_states[1:]]
+
+    @torch.inference_mode()
     def bare(batches):
         for enc in batches:
             decoder(**enc, use_cache=False)
@@ -162,6 +171,7 @@ def main(argv=None) -> int:
         "bare": lambda c: bare([encs[c]]),
         "tokenize": lambda c: encode_batch(tokenizer, format_prompts(tokenizer, chunks[c]), device),
         "single": lambda c: collect(model, tokenizer, chunks[c], batch_size=1),
+        "toolkit": lambda c: toolkit(chunks[c]),
     }
     if args.what_if_sorted:
         runs["bare-sorted"] = lambda c: bare([sorted_encs[c]])
@@ -205,16 +215,20 @@ def main(argv=None) -> int:
     assert count_b == count_s == len(prompts) and tok_b == tok_s == real_tokens, (tok_b, tok_s, real_tokens)
     agreement = float((mean_b - mean_s).abs().max() / mean_s.abs().max())
     tps = {name: real_tokens / t for name, t in best.items()}
-    speedup = best["single"] / best["batched"]
+    # The goal compares with the original toolkit's way (one prompt at a time through the whole model with
+    # output_hidden_states, logits included); `single` isolates what batching alone buys.
+    speedup = best["toolkit"] / best["batched"]
+    speedup_batching = best["single"] / best["batched"]
     overhead = best["batched"] / best["bare"] - 1
     overhead_tok = best["batched"] / (best["bare"] + best["tokenize"]) - 1
-    speedup_cpu = best_cpu["single"] / best_cpu["batched"]
+    speedup_cpu = best_cpu["toolkit"] / best_cpu["batched"]
     overhead_cpu = best_cpu["batched"] / best_cpu["bare"] - 1
     speedup_ok, overhead_ok = speedup >= GOAL_SPEEDUP, overhead <= GOAL_OVERHEAD
 
     labels = {
         "batched": f"collect, batch {bs}",
         "single": "collect, batch 1 (one at a time)",
+        "toolkit": "original toolkit: batch 1, full model, hidden_states",
         "bare": f"bare decoder forward, batch {bs}, pre-tokenised",
         "tokenize": "format + tokenise only (no forward)",
         "bare-sorted": f"what-if: bare, batch {bs}, length-sorted batches",
@@ -230,8 +244,8 @@ def main(argv=None) -> int:
         )
     print()
     print(
-        f"speedup batched vs one at a time: {speedup:.2f}x  (goal >= {GOAL_SPEEDUP:.0f}x)  "
-        f"{'MET' if speedup_ok else 'NOT MET'}"
+        f"speedup batched vs one at a time (original toolkit's way): {speedup:.2f}x  (goal >= {GOAL_SPEEDUP:.0f}x)  "
+        f"{'MET' if speedup_ok else 'NOT MET'}; batching alone (collect batch 1): {speedup_batching:.2f}x"
     )
     print(
         f"collect overhead vs bare forward: {overhead:+.1%}  (goal <= {GOAL_OVERHEAD:.0%})  "
@@ -276,6 +290,7 @@ def main(argv=None) -> int:
         "hook_needed_bytes_per_batch": needed,
         "tokens_per_second": tps,
         "speedup": speedup,
+        "speedup_batching_alone": speedup_batching,
         "goal_speedup": GOAL_SPEEDUP,
         "speedup_met": speedup_ok,
         "overhead": overhead,
@@ -295,8 +310,8 @@ def main(argv=None) -> int:
     args.json.write_text(json.dumps(result, indent=2))
     print()
     print(
-        f"SUMMARY directions: batched {tps['batched']:.0f} tok/s vs one-at-a-time {tps['single']:.0f} tok/s = "
-        f"{speedup:.2f}x (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup_ok else 'NOT met'}); collect overhead "
+        f"SUMMARY directions: batched {tps['batched']:.0f} tok/s vs one-at-a-time (toolkit) {tps['toolkit']:.0f} tok/s "
+        f"= {speedup:.2f}x, batching alone {speedup_batching:.2f}x (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup_ok else 'NOT met'}); collect overhead "
         f"{overhead:+.1%} vs bare forward (goal <= {GOAL_OVERHEAD:.0%}: {'met' if overhead_ok else 'NOT met'})"
         f"  -> {args.json}"
     )
