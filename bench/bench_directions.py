@@ -311,7 +311,8 @@ def main(argv=None) -> int:
     print()
     print(
         f"SUMMARY directions: batched {tps['batched']:.0f} tok/s vs one-at-a-time (toolkit) {tps['toolkit']:.0f} tok/s "
-        f"= {speedup:.2f}x, batching alone {speedup_batching:.2f}x (goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup_ok else 'NOT met'}); collect overhead "
+        f"= {speedup:.2f}x, batching alone {speedup_batching:.2f}x "
+        f"(goal >= {GOAL_SPEEDUP:.0f}x: {'met' if speedup_ok else 'NOT met'}); collect overhead "
         f"{overhead:+.1%} vs bare forward (goal <= {GOAL_OVERHEAD:.0%}: {'met' if overhead_ok else 'NOT met'})"
         f"  -> {args.json}"
     )
