@@ -26,6 +26,8 @@ os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# datasets otherwise sends a download-count request off the loopback.
+os.environ["HF_UPDATE_DOWNLOAD_COUNTS"] = "0"
 os.environ.pop("HF_TOKEN", None)
 # A private HF_HOME so no real login or cache on the machine leaks into tests.
 _HF_HOME = Path(__file__).resolve().parent / "_output" / "hf_home"
