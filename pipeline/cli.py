@@ -323,22 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     _passthrough_parser(
         sub, "push", "Upload an output folder to the Hub (same as python -m pipeline.push).", "pipeline.push:main"
     )
-    for extra in _extra_commands():
-        extra(sub)
+    from pipeline.tune_cli import add_parsers
+
+    add_parsers(sub)  # tune, pairs, steer
     return parser
 
-
-def _extra_commands():
-    """Commands from other stages, registered when their module is present."""
-    import importlib
-
-    found = []
-    for module, name in (("pipeline.tune_cli", "add_parsers"),):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.errors import UserError
-from pipeline.run import Progress, RunJob, run_job
+from pipeline.progress import Progress
+from pipeline.run import RunJob, run_job
 
 
 def _job(entry: dict[str, Any], defaults: dict[str, Any], where: str) -> RunJob:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline import directions as dirs
 from pipeline import stages
 from pipeline.abliterate import EditConfig
-from pipeline.architectures import num_layers_of
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, load_config, load_model, local_path
+from pipeline.loading import LoadConfig, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.progress import Progress, say
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -41,19 +38,12 @@ class AbliterateJob:
     eval: object | None = None  # pipeline.evaluate.EvalConfig; None: its defaults
 
 
-def _say(progress: Progress | None, message: str) -> None:
-    if progress:
-        progress(message)
-    else:
-        log.info(message)
-
-
 def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measure, progress=None) -> dirs.Directions:
     """Measure and save directions (the `directions` command)."""
     prompts = stages.resolve_prompts(model, prompts_cfg)
-    _say(progress, f"loading {model}")
+    say(progress, f"loading {model}")
     loaded = load_model(model, load)
-    _say(progress, "measuring refusal directions")
+    say(progress, "measuring refusal directions")
     d = stages.measure_directions(loaded, prompts, measure)
     dirs.save(d, out)
     return d
@@ -67,14 +57,14 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     if job.directions_file:
         d = dirs.load(job.directions_file)
     else:
-        _say(progress, f"loading {job.model}")
+        say(progress, f"loading {job.model}")
         loaded = load_model(job.model, job.load)
-        _say(progress, "measuring refusal directions")
+        say(progress, "measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure)
     direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
     num_layers = d.num_layers
     plan = stages.strength_plan(job.edit, num_layers)
-    _say(progress, f"direction: layer {layer_info}")
+    say(progress, f"direction: layer {layer_info}")
 
     reference = None
     if job.evaluate and (loaded is not None or not job.streaming):
@@ -82,7 +72,7 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
         reference = _base_reference(loaded, prompts, job, progress)
 
     with staged_folder(job.out, job.overwrite) as tmp:
-        _say(progress, "editing weights" + (" (streaming)" if job.streaming else ""))
+        say(progress, "editing weights" + (" (streaming)" if job.streaming else ""))
         if job.streaming:
             changed = stages.edit_streaming(job.model, job.load, direction, job.edit, tmp)
         else:
@@ -96,14 +86,14 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
             edited = None if job.streaming else loaded
             results = _evaluate(job, tmp, edited, prompts, reference, progress)
             write_json(tmp / EVAL_FILE, results)
-    _say(progress, f"wrote {job.out}")
+    say(progress, f"wrote {job.out}")
     return {"out": str(job.out), "changed_tensors": changed, "layer": layer_info, "recipe": rec, "eval": results}
 
 
 def _base_reference(loaded, prompts, job: AbliterateJob, progress):
     from pipeline import evaluate as ev
 
-    _say(progress, "evaluating the base model")
+    say(progress, "evaluating the base model")
     cfg = job.eval or ev.EvalConfig()
     return ev.reference(
         loaded.model, loaded.tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate, cfg, model_id=job.model
@@ -114,7 +104,7 @@ def _evaluate(job: AbliterateJob, folder: Path, loaded, prompts, reference, prog
     from pipeline import evaluate as ev
 
     cfg = job.eval or ev.EvalConfig()
-    _say(progress, "evaluating the edited model")
+    say(progress, "evaluating the edited model")
     if reference is None:
         base = load_model(job.model, job.load)
         reference = _base_reference(base, prompts, job, progress)
@@ -136,10 +126,6 @@ def _evaluate(job: AbliterateJob, folder: Path, loaded, prompts, reference, prog
         base_id=job.model,
         prompt_sources=sources,
     )
-
-
-def model_depth(model: str, load: LoadConfig) -> int:
-    return num_layers_of(load_config(local_path(model, load), load))
 
 
 class RunJob(BaseModel):
@@ -180,10 +166,10 @@ def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None
     )
     work = _work_dir(out) / "directions"
     if not (work / dirs_mod.DIRECTIONS_JSON).exists():
-        _say(progress, "measuring refusal directions")
+        say(progress, "measuring refusal directions")
         directions_only(job.model, work, load, prompts, measure, progress)
     else:
-        _say(progress, f"reusing directions measured earlier ({work})")
+        say(progress, f"reusing directions measured earlier ({work})")
     ajob = AbliterateJob(
         model=job.model,
         out=out,
@@ -282,7 +268,7 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | None = N
         check_repo_id(job.repo_id)
     out = job.output_dir()
     if (out / RECIPE_FILE).exists():
-        _say(progress, f"reusing the edited model in {out}")
+        say(progress, f"reusing the edited model in {out}")
     else:
         _produce(job, out, progress)
     if (out / EVAL_FILE).exists():
@@ -290,11 +276,11 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | None = N
     else:
         results = _evaluate_folder(job, out, progress)
     api = HfApi(token=token) if token else None
-    _say(progress, "writing the model card")
+    say(progress, "writing the model card")
     write_card(out, job.repo_id, api if job.push else None)
     url = None
     if job.push:
-        _say(progress, f"publishing to {job.repo_id}")
+        say(progress, f"publishing to {job.repo_id}")
         url = push_folder(out, job.repo_id, private=job.private, api=api)
-        _say(progress, f"published: {url}")
+        say(progress, f"published: {url}")
     return {"out": str(out), "eval": results, "url": url, "repo_id": job.repo_id}

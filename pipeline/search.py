@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,12 +31,12 @@ from pipeline.evaluate import EvalConfig, classify, evaluate, markers_for, refer
 from pipeline.kernels import PRESETS, ComponentKernel
 from pipeline.loading import Loaded, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.progress import Progress
 
 if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
     from pipeline.run import AbliterateJob
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str], None]
 STUDY_NAME = "abliterate"
 SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
 METHODS = ("standard", "projected", "norm-preserving")

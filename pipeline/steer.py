@@ -23,7 +23,6 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, local_path
 from pipeline.output import EVAL_FILE, check_target, sha256_file, staged_folder, write_json, write_recipe
+from pipeline.progress import Progress, say
 from pipeline.stages import PromptsConfig
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
 INDEX_FILE = "model.safetensors.index.json"
 SKIP_FILES = {"recipe.json", EVAL_FILE, "README.md", ".gitattributes", "strengths.png"}
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)\.weight$")
@@ -68,9 +67,6 @@ class SteerConfig(BaseModel):
         fields = self.model_dump(exclude={"data_split"})
         return TuneConfig(method="sft", adapter_only=True, scheduler="linear", **fields)
 
-
-def _say(progress: Progress | None, message: str) -> None:
-    (progress or log.info)(message)
 
 
 # ---------------------------------------------------------------- safetensors helpers
@@ -169,9 +165,9 @@ def build_vector(
     tune_cfg = cfg.tune_config()
     work = Path(tempfile.mkdtemp(prefix="steer-"))
     try:
-        _say(progress, f"fine-tuning on the positive set ({len(pos.examples)} examples)")
+        say(progress, f"fine-tuning on the positive set ({len(pos.examples)} examples)")
         a_pos, _ = train_adapter(model_id, pos, tune_cfg, work / "positive", load, progress)
-        _say(progress, f"fine-tuning on the negative set ({len(neg.examples)} examples)")
+        say(progress, f"fine-tuning on the negative set ({len(neg.examples)} examples)")
         a_neg, _ = train_adapter(model_id, neg, tune_cfg, work / "negative", load, progress)
         vector = adapter_difference(model_id, a_pos, a_neg, load)
     finally:
@@ -231,12 +227,12 @@ def _evaluate(model_id: str, folder: Path, out: Path, load: LoadConfig, prompts_
     prompts = resolve_prompts(model_id, prompts_cfg or PromptsConfig())
     harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     tokenizer = load_tokenizer(local_path(model_id, load), load)
-    _say(progress, "evaluating the base model")
+    say(progress, "evaluating the base model")
     base = load_causal_lm(model_id, _no_quantization(load))
     reference = ev.reference(base, tokenizer, harmful, harmless, cfg, model_id=model_id)
     del base
     _free()
-    _say(progress, "evaluating the steered model")
+    say(progress, "evaluating the steered model")
     steered = load_causal_lm(str(folder), _no_quantization(load).model_copy(update={"revision": None}))
     sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
     return ev.evaluate(steered, tokenizer, harmful, harmless, cfg, base=reference, model_id=str(out),
@@ -260,7 +256,7 @@ def steer(
         check_eval_inputs(model_id, prompts_cfg, eval_cfg)
     vector_path = Path(vector) if vector else out.parent / f"{out.name}.vector.safetensors"
     if vector and vector_path.is_file():
-        _say(progress, f"using the steering vector {vector_path} (no training)")
+        say(progress, f"using the steering vector {vector_path} (no training)")
         w, meta = load_vector(vector_path)
     else:
         if not positive or not negative:
@@ -270,7 +266,7 @@ def steer(
         meta = {"base_model": model_id, "positive": positive, "negative": negative,
                 "config": json.dumps(cfg.model_dump(mode="json"))}
         save_vector(w, vector_path, meta)
-        _say(progress, f"saved the steering vector to {vector_path}")
+        say(progress, f"saved the steering vector to {vector_path}")
     base_dir = local_path(model_id, load)
     results = None
     with staged_folder(out, overwrite) as tmp:
@@ -290,7 +286,7 @@ def steer(
         })
         if results is not None:
             write_json(tmp / EVAL_FILE, results)
-    _say(progress, f"wrote {out} ({changed} tensors changed)")
+    say(progress, f"wrote {out} ({changed} tensors changed)")
     return {"out": str(out), "vector": str(vector_path), "vector_norm": vector_norm(w), "changed": changed,
             "recipe": rec, "eval": results}
 

@@ -21,7 +21,7 @@ import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +32,11 @@ from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, load_tokenizer, local_path
 from pipeline.output import EVAL_FILE, RECIPE_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.pairs import TrainingData, load_training_data, to_conversational
+from pipeline.progress import Progress, say
 from pipeline.stages import PromptsConfig
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 SFT_LOSSES = ("nll", "dft")
@@ -100,9 +100,6 @@ def quiet_renames() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
 
-
-def _say(progress: Progress | None, message: str) -> None:
-    (progress or log.info)(message)
 
 
 def _no_quantization(load: LoadConfig) -> LoadConfig:
@@ -193,9 +190,9 @@ def train_adapter(
     with quiet_renames():
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               peft_config=cfg.lora())
-        _say(progress, f"training a LoRA adapter ({cfg.method}, {len(dataset)} examples)")
+        say(progress, f"training a LoRA adapter ({cfg.method}, {len(dataset)} examples)")
         result = trainer.train()
-    _say(progress, f"trained {result.global_step} steps, loss {result.training_loss:.4f}")
+    say(progress, f"trained {result.global_step} steps, loss {result.training_loss:.4f}")
     adapter = work / ADAPTER_DIR
     trainer.save_model(str(adapter))
     trainer.accelerator.wait_for_everyone()
@@ -291,7 +288,7 @@ def write_tuned(
     with staged_folder(out, overwrite) as tmp:
         reference = None
         if evaluate:
-            _say(progress, "evaluating the base model")
+            say(progress, "evaluating the base model")
             reference = _reference(model, tokenizer, prompts, eval_cfg, model_id, eval_base, load)
         base_ref = base_reference_id(model_id, load)
         if cfg.adapter_only:
@@ -308,10 +305,10 @@ def write_tuned(
         extra = {"adapter_only": cfg.adapter_only, **(recipe_extra or {})}
         rec = write_recipe(tmp, tune_recipe(model_id, cfg, data, load, prompts, extra))
         if evaluate:
-            _say(progress, "evaluating the tuned model")
+            say(progress, "evaluating the tuned model")
             results = _evaluate(final, tokenizer, prompts, reference, eval_cfg, out, eval_base or model_id)
             write_json(tmp / EVAL_FILE, results)
-    _say(progress, f"wrote {out}")
+    say(progress, f"wrote {out}")
     return {"out": str(out), "recipe": rec, "eval": results}
 
 
@@ -366,7 +363,7 @@ def heal(
     if data is None:
         prompts = resolve_prompts(base_model, prompts_cfg).harmful.measure
         rows, stats = make_pairs(base_model, abliterated, prompts, load, max_new_tokens, progress=progress)
-        _say(progress, f"{stats['pairs']} pairs from {stats['prompts']} prompts")
+        say(progress, f"{stats['pairs']} pairs from {stats['prompts']} prompts")
         pairs_file = out.parent / f".{out.name}.heal_pairs.jsonl"
         write_jsonl(rows, pairs_file, overwrite=True)
         data, pairs_info = str(pairs_file), stats
