@@ -93,6 +93,35 @@ class _LastTokenHooks:
             handle.remove()
 
 
+class PrefillCapture(_LastTokenHooks):
+    """Each layer's residual at the last prompt position during generation's first (prefill) pass.
+
+    Generation reads every prompt once anyway: capturing there gives the measurement activations
+    and the reply (to filter prompts by behaviour) for the price of the generation alone.
+    """
+
+    def __init__(self, model):
+        super().__init__(decoder_layers(model))
+
+    def _hook(self, index: int):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] > 1:  # the prompt pass; decoding steps see one token
+                self.captured[index] = hidden[:, -1, :].detach().clone()
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        """One [layers, hidden] float32 row per prompt of the batch just generated."""
+        return list(self.stacked())
+
+    def __enter__(self) -> PrefillCapture:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 @torch.inference_mode()
 def collect(
     model,

@@ -226,6 +226,11 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{ppl_source}`"
     rows = [
         ("Refusal rate ↓", _pct(refusal_base) + total("base"), _pct(refusal_model) + total("model"), harmful_set),
+        *(
+            (f"Refusal rate: {name} ↓", _pct(v.get("base")), _pct(v.get("model")),
+             f"`{name}` ({harmful_split} split, {v.get('n', '?')} prompts)")
+            for name, v in (evals.get("by_set") or {}).items()
+        ),
         ("Refusals removed", "–", _pct(evals.get("removal_rate")), harmful_set),
         ("KL divergence from base ↓", "0", _num(evals.get("kl_divergence")), harmless_set),
         ("Perplexity", _num(ppl_base), _num(ppl_model), ppl_set),
@@ -272,6 +277,8 @@ def context(folder: Path, recipe: dict[str, Any], evals: dict[str, Any], repo_id
         "base_revision": recipe.get("base_revision"),
         "parameters": [(str(k), _cell(v)) for k, v in parameters.items()],
         "layer": recipe.get("layer"),
+        "source": recipe.get("source"),
+        "selection": (recipe.get("measurement") or {}).get("selection"),
         "strength_header": header,
         "strength_rows": strength_rows,
         "scalar_strengths": [(k, _cell(v)) for k, v in scalar_strengths.items()],

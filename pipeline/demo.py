@@ -127,15 +127,40 @@ def spec_hash(spec: DemoSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def demo_path(spec: DemoSpec = DemoSpec()) -> Path:
-    """Folder of the cached demo model, building it first if needed."""
+SHIPPED_DIR = DATA_DIR / "demo_model"
+
+
+def shipped_path(spec: DemoSpec = DemoSpec()) -> Path | None:
+    """The trained demo shipped with the package, when it was built from `spec` and today's topics.
+
+    Training results differ with the CPU's float kernels, so a demo rebuilt on another machine is a
+    different model; shipping the weights makes `demo` the same model everywhere.
+    """
+    meta = SHIPPED_DIR / "demo_spec.json"
+    if not (SHIPPED_DIR / "model.safetensors").is_file() or not meta.is_file():
+        return None
+    return SHIPPED_DIR if json.loads(meta.read_text()).get("spec_hash") == spec_hash(spec) else None
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Temporary folders of builds that were killed before they could clean up (we hold the lock)."""
+    for stale in target.parent.glob(target.name + ".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def demo_path(spec: DemoSpec = DemoSpec(), rebuild: bool = False) -> Path:
+    """Folder of the demo model: the shipped one, else the cached build (built first if needed)."""
     from filelock import FileLock
 
+    shipped = None if rebuild else shipped_path(spec)
+    if shipped is not None:
+        return shipped
     target = cache_root() / f"demo-{spec_hash(spec)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
+        _remove_stale_builds(target)
         if not (target / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
             try:
@@ -283,4 +308,4 @@ def build_demo(spec: DemoSpec, out: Path) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "demo_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    (out / "demo_spec.json").write_text(json.dumps({**asdict(spec), "spec_hash": spec_hash(spec)}, indent=2))

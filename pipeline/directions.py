@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.activations import Activations, collect, decoder_layers
+from pipeline.activations import collect, decoder_layers
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,18 +41,34 @@ class DirectionsConfig(BaseModel):
     validation_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share of measurement prompts held out to validate each layer's direction."
     )
-    min_accuracy: float = Field(0.9, ge=0, le=1, description="Threshold-classifier accuracy a valid direction needs.")
-    min_separation: float = Field(1.0, ge=0, description="Class separation (Cohen's d) a valid direction needs.")
-    max_depth: float = Field(0.8, gt=0, le=1, description="Candidate layers lie below this fraction of the depth.")
+    min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="Threshold-classifier accuracy for a direction to be reported valid."
+    )
+    min_separation: float = Field(1.0, ge=0, description="Class separation (Cohen's d) for a valid direction.")
+    filter_prompts: bool = Field(
+        True,
+        description="Measure only on prompts the base model treats as labelled: harmful ones it refuses, "
+        "harmless ones it answers (judged on a short greedy reply).",
+    )
+    filter_tokens: int = Field(12, ge=1, description="New tokens generated per prompt to filter the prompts.")
+    min_depth: float = Field(0.3, ge=0, lt=1, description="Candidate layers lie at or above this fraction of depth.")
+    max_depth: float = Field(0.8, gt=0, le=1, description="Candidate layers lie at or below this fraction of depth.")
     select: str = Field(
         "behaviour",
         pattern="^(behaviour|separation)$",
         description="How `best` picks the layer: behaviour (ablate and test) or separation (largest Cohen's d).",
     )
-    select_prompts: int = Field(24, ge=2, description="Prompts per class used to test each candidate layer.")
+    select_prompts: int = Field(32, ge=2, description="Prompts per class used to test each candidate layer.")
     select_tokens: int = Field(16, ge=1, description="New tokens generated per prompt when testing a candidate layer.")
+    select_finalists: int = Field(
+        3, ge=1, description="Candidates (ranked by the likelihood of the base's own refusals) tested by generation."
+    )
     max_kl: float = Field(
         0.1, gt=0, description="Candidates whose harmless first-token KL exceeds this are last resort."
+    )
+    min_removal: float = Field(
+        0.5, ge=0, le=1, description="Warn (and flag the recipe) when the chosen layer removes less than this share "
+        "of the refusals on the selection prompts."
     )
 
 
@@ -65,6 +81,7 @@ class LayerStats:
     valid: bool
     refusal_ablated: float | None = None
     kl_ablated: float | None = None
+    refusal_logprob: float | None = None  # mean log-prob of the base's own refusal tokens, direction ablated
 
 
 @dataclass
@@ -139,72 +156,133 @@ def holdout(prompts: Sequence[str], fraction: float) -> tuple[list[str], list[st
     return fit, val
 
 
-def measure(model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], cfg: DirectionsConfig) -> Directions:
-    """Measure, validate and choose refusal directions for every layer."""
+def _measured(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig, generate: bool):
+    from pipeline import selection
+
+    if generate:
+        return selection.replies_with_activations(model, tokenizer, prompts, cfg.filter_tokens, cfg.batch_size)
+    acts = collect(model, tokenizer, prompts, batch_size=cfg.batch_size, keep_samples=True, desc="activations")
+    return selection.Measured(tuple(prompts), acts.samples)
+
+
+def _split(m, fraction: float):
+    fit, val = holdout(m.prompts, fraction)
+    fit_set = set(fit)
+    return m.subset([p in fit_set for p in m.prompts]), m.subset([p not in fit_set for p in m.prompts])
+
+
+def measure(
+    model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], cfg: DirectionsConfig, edit=None,
+    progress=None,
+) -> Directions:
+    """Measure, validate and choose refusal directions for every layer (`edit`: the edit the layer is
+    chosen for, by default the standard full-strength edit)."""
+    from pipeline import selection
+
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < 2:
             raise UserError(f"need at least 2 {name} prompts to measure a direction, got {len(prompts)}")
-    fit_h, val_h = holdout(harmful, cfg.validation_fraction)
-    fit_b, val_b = holdout(harmless, cfg.validation_fraction)
-    kw = {"batch_size": cfg.batch_size}
-    acts_h: Activations = collect(model, tokenizer, fit_h, desc="harmful", **kw)
-    acts_b: Activations = collect(model, tokenizer, fit_b, desc="harmless", **kw)
-    samp_h = collect(model, tokenizer, val_h, keep_samples=True, desc="validate harmful", **kw).samples
-    samp_b = collect(model, tokenizer, val_b, keep_samples=True, desc="validate harmless", **kw).samples
+    m_h = _measured(model, tokenizer, harmful, cfg, cfg.filter_prompts)
+    m_b = _measured(model, tokenizer, harmless, cfg, cfg.filter_prompts)
+    filter_record = None
+    if cfg.filter_prompts:
+        m_h, m_b, filter_record = selection.keep_labelled(m_h, m_b)
+    fit_h, val_h = _split(m_h, cfg.validation_fraction)
+    fit_b, val_b = _split(m_b, cfg.validation_fraction)
+    mean_h, mean_b = fit_h.samples.double().mean(0), fit_b.samples.double().mean(0)
 
-    diff = mean_difference(acts_h.mean, acts_b.mean, cfg.clip)
+    diff = mean_difference(mean_h, mean_b, cfg.clip)
     directions = unit(diff).float()
-    projected = project_out_harmless(directions, acts_b.mean.float())
-    stats = validate(directions, diff.norm(dim=-1), samp_h, samp_b, cfg)
+    projected = project_out_harmless(directions, mean_b.float())
+    stats = validate(directions, diff.norm(dim=-1), val_h.samples, val_b.samples, cfg)
     result = Directions(
         directions=directions,
         projected=projected,
-        harmful_mean=acts_h.mean.float(),
-        harmless_mean=acts_b.mean.float(),
+        harmful_mean=mean_h.float(),
+        harmless_mean=mean_b.float(),
         stats=stats,
         suggested_layer=-1,
         info={
             "prompts": {
-                "harmful_fit": len(fit_h),
-                "harmful_validate": len(val_h),
-                "harmless_fit": len(fit_b),
-                "harmless_validate": len(val_b),
+                "harmful_fit": len(fit_h.prompts),
+                "harmful_validate": len(val_h.prompts),
+                "harmless_fit": len(fit_b.prompts),
+                "harmless_validate": len(val_b.prompts),
             },
-            "tokens": acts_h.tokens + acts_b.tokens,
+            "filter": filter_record,
             "clip": cfg.clip,
         },
     )
-    result.suggested_layer = choose_layer(model, tokenizer, result, val_h, val_b, cfg)
+    result.suggested_layer = choose_layer(
+        model, tokenizer, result, val_h.prompts, val_b.prompts, cfg, val_h.replies, edit, progress
+    )
     return result
 
 
-def candidate_layers(stats: list[LayerStats], max_depth: float) -> list[int]:
-    limit = max(1, math.ceil(len(stats) * max_depth))
-    valid = [s.layer for s in stats[:limit] if s.valid]
-    return valid or list(range(limit))
-
-
-def choose_layer(model, tokenizer, d: Directions, val_h, val_b, cfg: DirectionsConfig) -> int:
-    candidates = candidate_layers(d.stats, cfg.max_depth)
-    if cfg.select == "separation":
-        return max(candidates, key=lambda i: d.stats[i].separation)
+def choose_layer(
+    model, tokenizer, d: Directions, val_h, val_b, cfg: DirectionsConfig, refusals=None, edit=None, progress=None
+) -> int:
+    """The layer whose direction, edited out of the weights, removes most refusals with least harmless KL."""
+    from pipeline import selection
+    from pipeline.abliterate import EditConfig
     from pipeline.evaluate import first_token_logprobs, kl_divergence
+    from pipeline.progress import say
 
-    harmful, harmless = val_h[: cfg.select_prompts], val_b[: cfg.select_prompts]
-    base_lp = first_token_logprobs(model, tokenizer, harmless, cfg.batch_size or 32)
+    candidates = selection.candidate_layers(d.num_layers, cfg.min_depth, cfg.max_depth)
+    if cfg.select == "separation":
+        chosen = max(candidates, key=lambda i: d.stats[i].separation)
+        d.info["selection"] = {"rule": "separation", "candidates": candidates}
+        return chosen
+    harmful, harmless = list(val_h[: cfg.select_prompts]), list(val_b[: cfg.select_prompts])
+    if refusals is None:
+        m = selection.replies_with_activations(model, tokenizer, harmful, cfg.filter_tokens, cfg.batch_size)
+        refusals = [r if x else () for r, x in zip(m.replies, m.refused, strict=True)]
+    refusals = list(refusals[: len(harmful)])
+    base_rate = sum(1 for r in refusals if len(r)) / len(refusals)  # the base's own refusals (filter or above)
+    size = cfg.batch_size or 32
+    base_lp = first_token_logprobs(model, tokenizer, harmless, size)
+    edits = selection.WeightEdits(model, edit or EditConfig())
+    say(progress, f"choosing the layer: testing {len(candidates)} candidates (layers {candidates[0]}-"
+                  f"{candidates[-1]} of {d.num_layers}) on {len(harmful)} held-out prompts per class")
     for layer in candidates:
-        with ablated(model, d.directions[layer]):
+        with edits.applied(d.directions[layer]):
+            s = d.stats[layer]
+            s.refusal_logprob = selection.refusal_logprob(model, tokenizer, harmful, refusals, size)
+            s.kl_ablated = kl_divergence(base_lp, first_token_logprobs(model, tokenizer, harmless, size))
+        log.info("layer %d: refusal log-prob %.3f kl %.4f", layer, s.refusal_logprob, s.kl_ablated)
+    ranked = sorted(candidates, key=lambda i: (d.stats[i].kl_ablated > cfg.max_kl, d.stats[i].refusal_logprob))
+    finalists = ranked[: cfg.select_finalists]
+    for layer in finalists:
+        with edits.applied(d.directions[layer]):
             d.stats[layer].refusal_ablated = refusal_fraction(model, tokenizer, harmful, cfg)
-            lp = first_token_logprobs(model, tokenizer, harmless, cfg.batch_size or 32)
-            d.stats[layer].kl_ablated = kl_divergence(base_lp, lp)
-        log.info("layer %d: refusal %.2f kl %.4f", layer, d.stats[layer].refusal_ablated, d.stats[layer].kl_ablated)
+        log.info("layer %d: refusal %.2f when ablated", layer, d.stats[layer].refusal_ablated)
 
     def key(i: int) -> tuple:
         s = d.stats[i]
         # Refusal first (in steps of 5 points, so noise does not win), then damage.
         return (s.kl_ablated > cfg.max_kl, round(s.refusal_ablated * 20), s.kl_ablated)
 
-    return min(candidates, key=key)
+    chosen = min(finalists, key=key)
+    after = d.stats[chosen].refusal_ablated
+    removal = 0.0 if base_rate == 0 else (base_rate - after) / base_rate
+    weak = removal < cfg.min_removal
+    d.info["selection"] = {
+        "rule": "behaviour",
+        "candidates": candidates,
+        "finalists": finalists,
+        "prompts": len(harmful),
+        "base_refusal": base_rate,
+        "refusal_ablated": after,
+        "removal": removal,
+        "weak": weak,
+    }
+    if weak:
+        log.warning(
+            "no candidate layer removes most refusals: the best (layer %d) leaves %.0f%% of %d selection prompts "
+            "refused (base %.0f%%); the edit will do little: try other --harmful prompts or --auto",
+            chosen, 100 * after, len(harmful), 100 * base_rate,
+        )
+    return chosen
 
 
 def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig) -> float:

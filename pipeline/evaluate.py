@@ -221,9 +221,13 @@ def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
 
 def generate_tokens(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64,
-    batch_size: int | None = None, prefill_think: bool = False,
+    batch_size: int | None = None, prefill_think: bool = False, after_batch: Callable[[], list] | None = None,
 ) -> list[list[int]]:
-    """Greedy new token ids per prompt, cut after the first end-of-sequence token."""
+    """Greedy new token ids per prompt, cut after the first end-of-sequence token.
+
+    ``after_batch``, when given, is called after each batch and returns one item per row of it
+    (e.g. activations captured by hooks); the result is then a list of (token ids, item) pairs.
+    """
     import torch
 
     gen = _generation_config(model, tokenizer, max_new_tokens)
@@ -237,7 +241,7 @@ def generate_tokens(
         for row in ids[:, enc["input_ids"].shape[1] :].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             rows.append(row[:cut])
-        return rows
+        return rows if after_batch is None else list(zip(rows, after_batch(), strict=True))
 
     return _map_batches(model, tokenizer, chat_texts(tokenizer, prompts, prefill_think), batch_size, run)
 
@@ -397,9 +401,11 @@ def evaluate(
     cfg: EvalConfig = EvalConfig(), base: BaseReference | tuple[Any, Any] | None = None,
     model_id: str | None = None, base_id: str | None = None,
     prompt_sources: dict[str, Any] | None = None, markers: MarkerSet | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The `eval_results.json` dict of ``model`` against ``base`` (a `BaseReference` or a
-    (model, tokenizer) pair); the base-side fields are None without a base."""
+    (model, tokenizer) pair); the base-side fields are None without a base. ``groups`` names the
+    prompt set of each harmful prompt, for refusal rates per set."""
     prompts = _prompts(harmful_prompts, harmless_prompts)
     markers = markers or markers_for(cfg)
     ref = _as_reference(base, tokenizer, prompts, cfg, base_id)
@@ -416,6 +422,7 @@ def evaluate(
     refused = base_cats if base_cats is not None else cats
     return {
         "refusal_rate": {"base": _rate(base_counts, n), "model": _rate(counts, n)},
+        "by_set": by_set(groups, base_cats, cats),
         "removal_rate": removal,
         "kl_divergence": kl,
         "perplexity": {"base": ref.perplexity if ref else None, "model": ppl},
@@ -428,6 +435,22 @@ def evaluate(
         "base_model": base_id or (ref.model_id if ref else None),
         "model": model_id,
     }
+
+
+def by_set(groups: Sequence[str] | None, base: Sequence[str | None] | None,
+           model: Sequence[str | None]) -> dict[str, dict[str, Any]] | None:
+    """Refusal rates per prompt set (None with a single set)."""
+    if not groups or len(set(groups)) < 2:
+        return None
+    if len(groups) != len(model):
+        raise ValueError(f"{len(groups)} group labels for {len(model)} harmful prompts")
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == name]
+        rate = round(sum(model[i] is not None for i in idx) / len(idx), 6)
+        base_rate = None if base is None else round(sum(base[i] is not None for i in idx) / len(idx), 6)
+        out[name] = {"base": base_rate, "model": rate, "n": len(idx)}
+    return out
 
 
 def require_base_refusals(results: dict[str, Any] | BaseReference, markers: MarkerSet | None = None) -> None:
@@ -458,8 +481,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         counts = refusals[side]
         return "–" if counts is None else f"{counts.get(key, 0)}/{n}"
 
+    per_set = [
+        (f"Refusal rate: {name} ({v['n']} prompts)", _fmt(v["base"], "pct"), _fmt(v["model"], "pct"))
+        for name, v in (results.get("by_set") or {}).items()
+    ]
     rows = [
         ("Refusal rate", _fmt(rate["base"], "pct"), _fmt(rate["model"], "pct")),
+        *per_set,
         *((f"Refusals: {k}", count("base", k), count("model", k)) for k in refusals["model"] if k != "total"),
         ("Removal rate", "", _fmt(results["removal_rate"], "pct")),
         ("KL divergence (first token)", "0", _fmt(results["kl_divergence"])),

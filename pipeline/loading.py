@@ -33,6 +33,10 @@ class LoadConfig(BaseModel):
         False, description="Load in 4-bit with bitsandbytes (to measure very large models; needs a GPU)."
     )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
+    gguf_file: str | None = Field(
+        None, description="GGUF file to load from a Hub repo or folder (dequantized); a MODEL ending in .gguf "
+        "names the file itself."
+    )
 
 
 @dataclass
@@ -43,12 +47,18 @@ class Loaded:
     tokenizer: Any
     model_id: str
     path: Path | None  # local folder holding the weights, when there is one
+    source: dict | None = None  # how the weights were stored, when not as safetensors (GGUF file, type)
 
 
 def is_demo(model_id: str) -> bool:
     from pipeline.demo import DEMO_NAME
 
     return model_id == DEMO_NAME
+
+
+def is_gguf(model_id: str, cfg: LoadConfig = LoadConfig()) -> bool:
+    """Whether the weights come from a GGUF file (a path ending in .gguf, or --gguf-file)."""
+    return bool(cfg.gguf_file) or model_id.lower().endswith(".gguf")
 
 
 def hub_errors(model_id: str, exc: Exception) -> UserError | None:
@@ -78,6 +88,11 @@ def local_path(model_id: str, cfg: LoadConfig = LoadConfig()) -> Path:
     """A local folder with the model's files: the demo cache, a folder, or a Hub snapshot."""
     from pipeline.demo import demo_path
 
+    if is_gguf(model_id, cfg):
+        raise UserError(
+            f"'{model_id}' is a GGUF file: this command needs a safetensors model; abliterate it (or load it in "
+            "`evaluate`/`directions`) first, which writes one"
+        )
     if is_demo(model_id):
         return demo_path()
     path = Path(model_id).expanduser()
@@ -145,6 +160,10 @@ def load_model(model_id: str, cfg: LoadConfig = LoadConfig()) -> Loaded:
 
     from pipeline.architectures import model_type_of, writers_for
 
+    if is_gguf(model_id, cfg):
+        from pipeline.gguf import load_gguf
+
+        return load_gguf(model_id, cfg)
     path = local_path(model_id, cfg)
     writers_for(model_type_of(load_config(path, cfg)))  # fail early on an unknown architecture
     tokenizer = load_tokenizer(path, cfg)

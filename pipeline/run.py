@@ -13,7 +13,7 @@ from pipeline import directions as dirs
 from pipeline import stages
 from pipeline.abliterate import EditConfig
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, load_model
+from pipeline.loading import LoadConfig, is_gguf, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.progress import Progress, say
 
@@ -52,6 +52,9 @@ def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measur
 def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     """Run one abliteration into job.out; returns a summary (paths, layer, evaluation)."""
     check_target(job.out, job.overwrite)
+    if job.streaming and is_gguf(job.model, job.load):
+        raise UserError("--streaming edits safetensors shards: a GGUF file is dequantized and edited in memory "
+                        "(drop --streaming)")
     prompts = stages.resolve_prompts(job.model, job.prompts)
     loaded = None
     if job.directions_file:
@@ -64,7 +67,11 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
     num_layers = d.num_layers
     plan = stages.strength_plan(job.edit, num_layers)
-    say(progress, f"direction: layer {layer_info}")
+    say(progress, stages.describe_layer(layer_info, num_layers))
+    selection = d.info.get("selection") or {}
+    if selection.get("weak"):
+        say(progress, f"warning: the chosen direction left {selection['refusal_ablated']:.0%} of the selection "
+                      "prompts refused: the edit may remove little (try other --harmful prompts or --auto)")
 
     reference = None
     if job.evaluate and (loaded is not None or not job.streaming):
@@ -80,7 +87,8 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
             changed = stages.edit_and_save_in_memory(loaded, direction, job.edit, tmp)
         dirs.save(d, tmp)
         stages.plot_strengths(plan, tmp / "strengths.png")
-        rec = write_recipe(tmp, stages.recipe(job.model, job.load, job.edit, layer_info, prompts, plan))
+        source = loaded.source if loaded is not None else None
+        rec = write_recipe(tmp, stages.recipe(job.model, job.load, job.edit, layer_info, prompts, plan, d, source))
         results = None
         if job.evaluate:
             edited = None if job.streaming else loaded
@@ -125,6 +133,7 @@ def _evaluate(job: AbliterateJob, folder: Path, loaded, prompts, reference, prog
         model_id=str(job.out),
         base_id=job.model,
         prompt_sources=sources,
+        groups=prompts.eval_groups(),
     )
 
 

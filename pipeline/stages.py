@@ -23,6 +23,10 @@ from pipeline.prompts import PromptSplit, load_prompts, split_prompts
 log = logging.getLogger(__name__)
 
 
+DEFAULT_HARMFUL = "censored,harmful"
+DEFAULT_HARMLESS = "harmless,harmless-general"
+
+
 class PromptsConfig(BaseModel):
     """Which prompts measure the direction and which evaluate the result."""
 
@@ -30,47 +34,102 @@ class PromptsConfig(BaseModel):
 
     harmful: str | None = Field(
         None,
-        description="Prompts the model refuses: a built-in set, a file, or a Hub dataset "
-        "(default: demo-harmful for demo, else censored).",
+        description="Prompts the model refuses: a built-in set, a file, or a Hub dataset; several joined by commas "
+        f"are measured together and reported per set (default: demo-harmful for demo, else {DEFAULT_HARMFUL}).",
     )
     harmless: str | None = Field(
-        None, description="Ordinary prompts of similar form (default: demo-harmless for demo, else harmless)."
+        None,
+        description="Ordinary prompts of similar form, one or several joined by commas "
+        f"(default: demo-harmless for demo, else {DEFAULT_HARMLESS}).",
     )
     split: str = Field("train", description="Split of a Hub dataset.")
     column: str | None = Field(None, description="Text column of a dataset or table file (default: auto-detected).")
     eval_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share held out for evaluation when a set has no eval part."
     )
-    max_prompts: int | None = Field(None, ge=2, description="At most this many measurement prompts per class.")
+    max_prompts: int | None = Field(
+        64, ge=2, description="At most this many measurement prompts per class, before filtering."
+    )
+    max_eval: int | None = Field(32, ge=2, description="At most this many evaluation prompts per set.")
     seed: int = Field(0, description="Seed of the measurement/evaluation split.")
 
 
 @dataclass(frozen=True)
 class Prompts:
-    harmful: PromptSplit
+    harmful: PromptSplit  # all harmful sets together (measurement interleaves them, evaluation concatenates)
     harmless: PromptSplit
+    harmful_sets: tuple[PromptSplit, ...] = ()  # each harmful set on its own, for per-set reporting
 
     def record(self) -> dict:
-        return {"harmful": self.harmful.record(), "harmless": self.harmless.record()}
+        rec = {"harmful": self.harmful.record(), "harmless": self.harmless.record()}
+        if len(self.harmful_sets) > 1:
+            rec["harmful_sets"] = [s.record() for s in self.harmful_sets]
+        return rec
+
+    def eval_groups(self) -> list[str]:
+        """The set each harmful evaluation prompt comes from, in order."""
+        sets = self.harmful_sets or (self.harmful,)
+        return [s.source for s in sets for _ in s.evaluate]
 
     def hub_datasets(self) -> list[str]:
         from pipeline.prompts import builtin_names
 
         names = builtin_names()
-        return [s.source for s in (self.harmful, self.harmless) if "/" in s.source and s.source not in names]
+        sources = [x for s in (self.harmful, self.harmless) for x in s.source.split(",")]
+        return [s for s in sources if "/" in s and s not in names]
+
+
+def _interleave(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Round-robin over the sets, so a cap on the number of prompts takes from each set alike."""
+    out: list[str] = []
+    for i in range(max((len(p) for p in parts), default=0)):
+        out += [p[i] for p in parts if i < len(p)]
+    return tuple(dict.fromkeys(out))
+
+
+def _merge(splits: list[PromptSplit], max_measure: int | None) -> PromptSplit:
+    if len(splits) == 1:
+        return splits[0]
+    measure = _interleave([s.measure for s in splits])
+    held_out = {p for s in splits for p in s.evaluate}
+    measure = tuple(p for p in measure if p not in held_out)[:max_measure]
+    evaluate = tuple(dict.fromkeys(p for s in splits for p in s.evaluate))
+    return PromptSplit(
+        source=",".join(s.source for s in splits),
+        measure=measure,
+        evaluate=evaluate,
+        seed=splits[0].seed,
+        method="+".join(dict.fromkeys(s.method for s in splits)),
+        eval_fraction=splits[0].eval_fraction,
+        available=sum(s.available for s in splits),
+    )
+
+
+def default_specs(model_id: str) -> tuple[str, str]:
+    return ("demo-harmful", "demo-harmless") if is_demo(model_id) else (DEFAULT_HARMFUL, DEFAULT_HARMLESS)
 
 
 def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
-    demo = is_demo(model_id)
-    harmful_spec = cfg.harmful or ("demo-harmful" if demo else "censored")
-    harmless_spec = cfg.harmless or ("demo-harmless" if demo else "harmless")
-    splits = []
-    for spec in (harmful_spec, harmless_spec):
-        prompt_set = load_prompts(spec, split=cfg.split, column=cfg.column)
-        splits.append(
-            split_prompts(prompt_set, eval_fraction=cfg.eval_fraction, seed=cfg.seed, max_measure=cfg.max_prompts)
-        )
-    return Prompts(*splits)
+    defaults = default_specs(model_id)
+    merged = []
+    sets: list[PromptSplit] = []
+    for spec, default in zip((cfg.harmful, cfg.harmless), defaults, strict=True):
+        parts = [p.strip() for p in (spec or default).split(",") if p.strip()]
+        if not parts:
+            raise UserError(f"empty prompt set '{spec}': give a built-in name, a file or a Hub dataset")
+        splits = [
+            split_prompts(
+                load_prompts(part, split=cfg.split, column=cfg.column),
+                eval_fraction=cfg.eval_fraction,
+                seed=cfg.seed,
+                max_measure=cfg.max_prompts,
+                max_eval=cfg.max_eval,
+            )
+            for part in parts
+        ]
+        merged.append(_merge(splits, cfg.max_prompts))
+        sets = sets or splits
+    return Prompts(merged[0], merged[1], tuple(sets))
 
 
 def measure_directions(loaded: Loaded, prompts: Prompts, cfg: dirs.DirectionsConfig) -> dirs.Directions:
@@ -102,7 +161,21 @@ def edit_streaming(model_id: str, load: LoadConfig, direction: torch.Tensor, edi
     return apply_streaming(src, folder, direction, edit, num_layers_of(config), model_type_of(config))
 
 
-def recipe(model_id: str, load: LoadConfig, edit: EditConfig, layer_info: dict, prompts: Prompts | None, plan: dict):
+def describe_layer(info: dict, num_layers: int) -> str:
+    """The chosen direction in words, e.g. "direction from layer 15 of 24 (0.65 of the depth)"."""
+    if info.get("spec") == "per-layer":
+        return "directions: each layer's own"
+    if "between" in info:
+        lo, hi = info["between"]
+        return f"direction between layers {lo} and {hi} of {num_layers} ({info['fraction']:.2f} of the depth)"
+    return f"direction from layer {info['index']} of {num_layers} ({info['fraction']:.2f} of the depth)"
+
+
+def recipe(
+    model_id: str, load: LoadConfig, edit: EditConfig, layer_info: dict, prompts: Prompts | None, plan: dict,
+    d: dirs.Directions | None = None, source: dict | None = None,
+) -> dict:
+    info = d.info if d is not None else {}
     return {
         "kind": "abliterated",
         "base_model": model_id,
@@ -114,6 +187,8 @@ def recipe(model_id: str, load: LoadConfig, edit: EditConfig, layer_info: dict, 
         "prompts": prompts.record() if prompts else None,
         "datasets": prompts.hub_datasets() if prompts else [],
         "seed": prompts.harmful.seed if prompts else 0,
+        "source": source,
+        "measurement": {"filter": info.get("filter"), "selection": info.get("selection")},
     }
 
 

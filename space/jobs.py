@@ -31,7 +31,7 @@ WORK_PREFIX = "abliterator-job-"
 CHARTS = ("directions.png", "strengths.png", "pareto.png")
 STAGES = (
     ("load", "Loading the model", ("loading ",)),
-    ("measure", "Measuring refusal directions", ("measuring", "reusing directions", "direction:")),
+    ("measure", "Measuring refusal directions", ("measuring", "reusing directions", "direction")),
     ("edit", "Editing / training", ("editing", "training", "search", "trial", "saving the chosen", "wrote ")),
     ("evaluate", "Evaluating", ("evaluating",)),
     ("card", "Writing the model card", ("writing the model card",)),

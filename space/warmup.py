@@ -1,11 +1,37 @@
-"""Build the demo model in the background when the Space starts, so the first job does not wait for it."""
+"""Space start-up: heavy imports on the main thread, then the demo model found or built in the background.
+
+Two threads importing transformers for the first time at once can fail ("cannot import name
+'AutoModelForCausalLM' from 'transformers'"): its lazy module is not safe to resolve from two threads.
+`preload()` resolves every name the jobs use on the calling (main) thread before any worker exists.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 
 log = logging.getLogger(__name__)
+
+# What the jobs reach for, resolved before any worker thread starts.
+TRANSFORMERS_NAMES = (
+    "AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "GenerationConfig", "GgufConfig",
+    "PreTrainedTokenizerFast",
+)
+PIPELINE_MODULES = (
+    "pipeline.run", "pipeline.evaluate", "pipeline.directions", "pipeline.selection", "pipeline.gguf",
+    "pipeline.card", "pipeline.push", "pipeline.demo",
+)
+
+
+def preload() -> None:
+    """Import the heavy libraries and our stages on this thread."""
+    import transformers
+
+    for name in TRANSFORMERS_NAMES:
+        getattr(transformers, name)
+    for module in PIPELINE_MODULES:
+        importlib.import_module(module)
 
 
 def _build() -> None:
@@ -18,7 +44,8 @@ def _build() -> None:
 
 
 def warm_demo_model() -> threading.Thread:
-    """Start building (or finding in the cache) the demo model on a daemon thread."""
+    """Preload on this thread, then find (or build) the demo model on a daemon thread."""
+    preload()
     thread = threading.Thread(target=_build, name="demo-warmup", daemon=True)
     thread.start()
     return thread

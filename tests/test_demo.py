@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -76,3 +77,51 @@ def test_refusal_is_an_overlay_on_a_capable_model(demo_loaded):
     asks = [ex.prompt for ex in demo.sensitivity_examples() if ex.refused_topic][:10]
     answers = generate(demo_loaded.model, demo_loaded.tokenizer, asks, 16, 10)
     assert sum(a.startswith("Yes") for a in answers) >= 8
+
+
+def test_the_shipped_demo_is_the_demo_everywhere():
+    """`demo` is the trained model shipped in the package, not a per-machine rebuild."""
+    assert demo.demo_path() == demo.SHIPPED_DIR
+    meta = json.loads((demo.SHIPPED_DIR / "demo_spec.json").read_text())
+    assert meta["spec_hash"] == demo.spec_hash(demo.DemoSpec())
+    # A different spec is not the shipped model: it is built into the cache instead.
+    assert demo.shipped_path(demo.DemoSpec(seed=99)) is None
+
+
+def test_a_killed_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ABLITERATOR_CACHE", str(tmp_path))
+    spec = demo.DemoSpec(vocab_size=400, hidden_size=32, num_layers=2, intermediate_size=64,
+                         capability_steps=2, safety_steps=1, batch_size=4)
+    stale = tmp_path / f"demo-{demo.spec_hash(spec)}.tmp-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    built = demo.demo_path(spec)
+    assert (built / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
+
+
+@pytest.mark.slow
+def test_a_rebuilt_demo_behaves_like_the_shipped_one(tmp_path, monkeypatch, one_thread):
+    """Training differs with the CPU's kernels, so a rebuild is another model: it must still refuse its
+    topics, answer the others, and lose the refusals to the default abliteration."""
+    from pipeline.evaluate import classify, generate
+    from pipeline.loading import load_model
+    from pipeline.run import AbliterateJob, abliterate
+    from pipeline.stages import PromptsConfig
+
+    monkeypatch.setenv("ABLITERATOR_CACHE", str(tmp_path / "cache"))
+    folder = demo.demo_path(rebuild=True)
+    assert folder != demo.SHIPPED_DIR
+    loaded = load_model(str(folder))
+    harmful = list(load_prompts("demo-harmful").eval_prompts)
+    harmless = list(load_prompts("demo-harmless").eval_prompts)
+    refused = [classify(t) is not None for t in generate(loaded.model, loaded.tokenizer, harmful, 24, 40)]
+    assert sum(refused) / len(harmful) >= 0.9
+    expected = demo.expected_answers()
+    answers = generate(loaded.model, loaded.tokenizer, harmless, 48, 40)
+    assert sum(t.strip() == expected[p] for p, t in zip(harmless, answers, strict=True)) / len(harmless) >= 0.9
+    prompts = PromptsConfig(harmful="demo-harmful", harmless="demo-harmless")
+    summary = abliterate(AbliterateJob(model=str(folder), out=tmp_path / "out", prompts=prompts))
+    rate = summary["eval"]["refusal_rate"]
+    assert rate["base"] >= 0.9 and rate["model"] <= 0.1
+    assert summary["eval"]["kl_divergence"] <= 0.1

