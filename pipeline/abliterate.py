@@ -58,6 +58,9 @@ class EditConfig(BaseModel):
         0.0, ge=0, le=2, description="Strength of the edit on the token embedding (0: untouched)."
     )
     per_layer: bool = Field(False, description="Use each layer's own direction instead of one direction for all.")
+    per_set: bool = Field(
+        True, description="When directions were measured per harmful prompt set, remove all of them (their span)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -104,17 +107,34 @@ def strength_of(match: WriterMatch, plan: dict) -> float:
 
 
 def direction_for(match: WriterMatch, directions: torch.Tensor) -> torch.Tensor:
-    """One direction [hidden] for all, or per layer [layers, hidden] (embedding: layer 0)."""
+    """What to remove from one tensor: a direction [hidden] for all layers, or per layer
+    ([layers, hidden]: one direction each; [layers, k, hidden]: k orthonormal directions each).
+    The embedding takes layer 0's."""
     if directions.dim() == 1:
         return directions
     return directions[match.layer if match.layer is not None else 0]
 
 
+def orthonormal(vectors: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the rows of `vectors` [k, hidden], in order (Gram-Schmidt via QR)."""
+    q, r = torch.linalg.qr(vectors.double().T)
+    keep = r.diagonal().abs() > 1e-6 * r.diagonal().abs().max()
+    q = q * torch.sign(r.diagonal())  # same orientation as the inputs
+    return q.T[keep].to(vectors.dtype)
+
+
 def edit_tensor(
     weight: torch.Tensor, direction: torch.Tensor, hidden_axis: int, strength: float, norm_preserving: bool = False
 ) -> torch.Tensor:
-    """The edited copy of `weight` (same dtype and shape)."""
+    """The edited copy of `weight` (same dtype and shape). `direction` is one vector [hidden], or k
+    orthonormal rows [k, hidden] removed together (for orthonormal rows, removing them one after the
+    other is the projection onto the complement of their span, also with norm preservation: a rescale
+    keeps a zero component zero)."""
     if strength == 0:
+        return weight
+    if direction.dim() == 2:
+        for row in direction:
+            weight = edit_tensor(weight, row, hidden_axis, strength, norm_preserving)
         return weight
     axis = hidden_axis % weight.dim()
     # One float32 working copy in the original layout, updated in place: no

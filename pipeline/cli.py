@@ -123,6 +123,7 @@ def cmd_evaluate(args) -> int:
         model_id=args.model,
         base_id=base_id,
         prompt_sources=sources,
+        groups=prompts.eval_groups(),
     )
     print(ev.markdown_table(results))
     if args.json:
@@ -214,10 +215,17 @@ def _abliterate_and_heal(job, args) -> int:
 
 
 def print_summary(summary: dict) -> None:
+    selection = ((summary.get("recipe") or {}).get("measurement") or {}).get("selection") or {}
+    if selection.get("weak"):
+        print(f"WARNING: no candidate layer removed most refusals (the chosen one left "
+              f"{selection['refusal_ablated']:.0%} of the selection prompts refused): try other --harmful prompts "
+              "or --auto")
     results = summary.get("eval")
     if results:
         rr, ppl = results["refusal_rate"], results.get("perplexity") or {}
         print(f"refusal rate: {rr['base']:.1%} -> {rr['model']:.1%}")
+        for name, rates in (results.get("by_set") or {}).items():
+            print(f"  {name}: {rates['base']:.1%} -> {rates['model']:.1%} ({rates['n']} prompts)")
         print(f"KL divergence (harmless, first token): {results['kl_divergence']:.4f}")
         if ppl:
             print(f"perplexity: {ppl.get('base')} -> {ppl.get('model')}")

@@ -17,11 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.activations import collect, decoder_layers
+from pipeline.activations import collect
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ class DirectionsConfig(BaseModel):
     max_kl: float = Field(
         0.1, gt=0, description="Candidates whose harmless first-token KL exceeds this are last resort."
     )
+    set_directions: bool = Field(
+        True, description="With several harmful sets (e.g. censored,harmful), measure one direction per set and "
+        "remove their span: different kinds of refusal can lie along different directions."
+    )
+    set_contrast: Literal["answered", "harmless"] = Field(
+        "answered", description="Each set's refused prompts are contrasted with its answered prompts (same "
+        "topics) when there are enough, else with the harmless prompts."
+    )
+    min_answered: int = Field(4, ge=1, description="Answered prompts a set needs for the answered contrast.")
     min_removal: float = Field(
         0.5, ge=0, le=1, description="Warn (and flag the recipe) when the chosen layer removes less than this share "
         "of the refusals on the selection prompts."
@@ -95,6 +105,10 @@ class Directions:
     stats: list[LayerStats]
     suggested_layer: int
     info: dict
+    # One direction per harmful prompt set ([sets, layers, hidden]) when several were measured: refusals
+    # of different kinds (political censorship, harmful requests) can lie along different directions.
+    set_directions: torch.Tensor | None = None
+    set_names: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -171,9 +185,37 @@ def _split(m, fraction: float):
     return m.subset([p in fit_set for p in m.prompts]), m.subset([p not in fit_set for p in m.prompts])
 
 
+def per_set_directions(measured, groups: dict[str, str], fit: set[str], mean_b: torch.Tensor, cfg: DirectionsConfig):
+    """One unit direction per harmful prompt set ([sets, layers, hidden]) and the sets' names.
+
+    Each set's refused prompts (fit part) are contrasted with the prompts of the same set that the
+    base answered, when there are enough of them: same topics, different behaviour, so the direction
+    is refusal rather than subject matter. Otherwise the harmless mean is the contrast.
+    """
+    names = list(dict.fromkeys(groups.get(p, "") for p in measured.prompts))
+    if len(names) < 2:
+        return None, ()
+    rows, kept = [], []
+    for name in names:
+        idx = [i for i, p in enumerate(measured.prompts) if groups.get(p) == name]
+        refused = [i for i in idx if measured.refused[i] and measured.prompts[i] in fit]
+        answered = [i for i in idx if not measured.refused[i]]
+        if len(refused) < 2:
+            log.info("prompt set %s: too few refused prompts for a direction of its own", name)
+            continue
+        other = mean_b
+        if cfg.set_contrast == "answered" and len(answered) >= cfg.min_answered:
+            other = measured.samples[answered].double().mean(0)
+        rows.append(unit(measured.samples[refused].double().mean(0) - other).float())
+        kept.append(name)
+    if len(rows) < 2:
+        return None, ()
+    return torch.stack(rows), tuple(kept)
+
+
 def measure(
     model, tokenizer, harmful: Sequence[str], harmless: Sequence[str], cfg: DirectionsConfig, edit=None,
-    progress=None,
+    progress=None, groups: dict[str, str] | None = None,
 ) -> Directions:
     """Measure, validate and choose refusal directions for every layer (`edit`: the edit the layer is
     chosen for, by default the standard full-strength edit)."""
@@ -184,7 +226,7 @@ def measure(
             raise UserError(f"need at least 2 {name} prompts to measure a direction, got {len(prompts)}")
     m_h = _measured(model, tokenizer, harmful, cfg, cfg.filter_prompts)
     m_b = _measured(model, tokenizer, harmless, cfg, cfg.filter_prompts)
-    filter_record = None
+    filter_record, all_h = None, m_h
     if cfg.filter_prompts:
         m_h, m_b, filter_record = selection.keep_labelled(m_h, m_b)
     fit_h, val_h = _split(m_h, cfg.validation_fraction)
@@ -195,6 +237,9 @@ def measure(
     directions = unit(diff).float()
     projected = project_out_harmless(directions, mean_b.float())
     stats = validate(directions, diff.norm(dim=-1), val_h.samples, val_b.samples, cfg)
+    set_dirs, set_names = (None, ())
+    if cfg.set_directions and groups and all_h.refused is not None:
+        set_dirs, set_names = per_set_directions(all_h, groups, set(fit_h.prompts), mean_b, cfg)
     result = Directions(
         directions=directions,
         projected=projected,
@@ -212,6 +257,8 @@ def measure(
             "filter": filter_record,
             "clip": cfg.clip,
         },
+        set_directions=set_dirs,
+        set_names=set_names,
     )
     result.suggested_layer = choose_layer(
         model, tokenizer, result, val_h.prompts, val_b.prompts, cfg, val_h.replies, edit, progress
@@ -244,8 +291,13 @@ def choose_layer(
     edits = selection.WeightEdits(model, edit or EditConfig())
     say(progress, f"choosing the layer: testing {len(candidates)} candidates (layers {candidates[0]}-"
                   f"{candidates[-1]} of {d.num_layers}) on {len(harmful)} held-out prompts per class")
+    projected = edit is not None and edit.method == "projected"
+
+    def removed(layer: int) -> torch.Tensor:
+        return removal(d, str(layer), projected, cfg.set_directions and (edit is None or edit.per_set))[0]
+
     for layer in candidates:
-        with edits.applied(d.directions[layer]):
+        with edits.applied(removed(layer)):
             s = d.stats[layer]
             s.refusal_logprob = selection.refusal_logprob(model, tokenizer, harmful, refusals, size)
             s.kl_ablated = kl_divergence(base_lp, first_token_logprobs(model, tokenizer, harmless, size))
@@ -253,7 +305,7 @@ def choose_layer(
     ranked = sorted(candidates, key=lambda i: (d.stats[i].kl_ablated > cfg.max_kl, d.stats[i].refusal_logprob))
     finalists = ranked[: cfg.select_finalists]
     for layer in finalists:
-        with edits.applied(d.directions[layer]):
+        with edits.applied(removed(layer)):
             d.stats[layer].refusal_ablated = refusal_fraction(model, tokenizer, harmful, cfg)
         log.info("layer %d: refusal %.2f when ablated", layer, d.stats[layer].refusal_ablated)
 
@@ -264,8 +316,8 @@ def choose_layer(
 
     chosen = min(finalists, key=key)
     after = d.stats[chosen].refusal_ablated
-    removal = 0.0 if base_rate == 0 else (base_rate - after) / base_rate
-    weak = removal < cfg.min_removal
+    removed_share = 0.0 if base_rate == 0 else (base_rate - after) / base_rate
+    weak = removed_share < cfg.min_removal
     d.info["selection"] = {
         "rule": "behaviour",
         "candidates": candidates,
@@ -273,7 +325,7 @@ def choose_layer(
         "prompts": len(harmful),
         "base_refusal": base_rate,
         "refusal_ablated": after,
-        "removal": removal,
+        "removal": removed_share,
         "weak": weak,
     }
     if weak:
@@ -293,37 +345,17 @@ def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsCo
     return sum(classify(t, markers) is not None for t in texts) / len(texts)
 
 
-class ablated:
-    """Context manager: remove a direction from every layer's residual output (hooks, no weight change)."""
-
-    def __init__(self, model, direction: torch.Tensor):
-        self.layers = decoder_layers(model)
-        self.direction = unit(direction.float())
-        self.handles: list = []
-
-    def _hook(self, _module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        r = self.direction.to(hidden.device, hidden.dtype)
-        edited = hidden - (hidden @ r).unsqueeze(-1) * r
-        return (edited, *output[1:]) if isinstance(output, tuple) else edited
-
-    def __enter__(self):
-        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-
-
 def resolve_layer(spec: str | int | float, d: Directions, projected: bool = False) -> tuple[torch.Tensor, dict]:
     """The direction for `--layer`: an index, `best`, or a fraction of the depth (interpolated)."""
-    table = d.projected if projected else d.directions
-    n = d.num_layers
+    return at_layer(d.projected if projected else d.directions, spec, d.suggested_layer)
+
+
+def at_layer(table: torch.Tensor, spec: str | int | float, best: int) -> tuple[torch.Tensor, dict]:
+    """Row of a [layers, hidden] table for a layer spec (an index, `best`, or an interpolated fraction)."""
+    n = table.shape[0]
     text = str(spec).strip()
     if text == "best":
-        index = d.suggested_layer
-        return table[index].clone(), {"spec": "best", "index": index, "fraction": index / max(1, n - 1)}
+        return table[best].clone(), {"spec": "best", "index": best, "fraction": best / max(1, n - 1)}
     try:
         value = float(text)
     except ValueError as exc:
@@ -344,6 +376,25 @@ def resolve_layer(spec: str | int | float, d: Directions, projected: bool = Fals
     return direction, {"spec": text, "index": round(pos), "fraction": value, "between": [lo, hi], "weight": w}
 
 
+def removal(d: Directions, spec: str | int | float, projected: bool = False, per_set: bool = True):
+    """What the edit removes for a layer spec: one direction [hidden], or, with several measured prompt
+    sets, the orthonormal span of their directions (k rows, given to every layer: [layers, k, hidden]);
+    and the layer info."""
+    from pipeline.abliterate import orthonormal
+
+    direction, info = resolve_layer(spec, d, projected)
+    if not per_set or d.set_directions is None or len(d.set_directions) < 2:
+        return direction, info
+    rows = []
+    for table in d.set_directions:
+        table = project_out_harmless(table, d.harmless_mean) if projected else table
+        rows.append(at_layer(table, spec, d.suggested_layer)[0])
+    basis = orthonormal(torch.stack(rows))
+    info = {**info, "sets": list(d.set_names), "rank": int(basis.shape[0])}
+    # The edit takes k directions per layer as [layers, k, hidden]; here every layer gets the same k.
+    return basis[None].expand(d.num_layers, -1, -1).contiguous(), info
+
+
 def save(d: Directions, folder: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -354,12 +405,15 @@ def save(d: Directions, folder: Path, extra: dict | None = None) -> None:
         "harmful_mean": d.harmful_mean.contiguous(),
         "harmless_mean": d.harmless_mean.contiguous(),
     }
+    if d.set_directions is not None:
+        tensors["set_directions"] = d.set_directions.contiguous()
     save_file(tensors, str(folder / DIRECTIONS_FILE))
     meta = {
         "suggested_layer": d.suggested_layer,
         "num_layers": d.num_layers,
         "hidden_size": d.directions.shape[1],
         "layers": [asdict(s) for s in d.stats],
+        "set_names": list(d.set_names),
         **d.info,
         **(extra or {}),
     }
@@ -383,8 +437,10 @@ def load(folder_or_file: Path) -> Directions:
     t = load_file(str(tensor_file))
     meta = json.loads(meta_file.read_text())
     stats = [LayerStats(**s) for s in meta.pop("layers")]
+    names = tuple(meta.pop("set_names", ()))
     return Directions(
-        t["directions"], t["projected"], t["harmful_mean"], t["harmless_mean"], stats, meta.pop("suggested_layer"), meta
+        t["directions"], t["projected"], t["harmful_mean"], t["harmless_mean"], stats, meta.pop("suggested_layer"),
+        meta, t.get("set_directions"), names,
     )
 
 

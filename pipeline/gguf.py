@@ -53,7 +53,10 @@ def describe(path: Path) -> dict[str, Any]:
     """What the recipe and card say about a GGUF source: file name, architecture, quantization type."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as exc:
+        raise UserError(f"'{path.name}' is not a readable GGUF file ({str(exc).splitlines()[0][:120]})") from exc
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)

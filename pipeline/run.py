@@ -44,7 +44,7 @@ def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measur
     say(progress, f"loading {model}")
     loaded = load_model(model, load)
     say(progress, "measuring refusal directions")
-    d = stages.measure_directions(loaded, prompts, measure)
+    d = stages.measure_directions(loaded, prompts, measure, progress=progress)
     dirs.save(d, out)
     return d
 
@@ -63,7 +63,7 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
         say(progress, f"loading {job.model}")
         loaded = load_model(job.model, job.load)
         say(progress, "measuring refusal directions")
-        d = stages.measure_directions(loaded, prompts, job.measure)
+        d = stages.measure_directions(loaded, prompts, job.measure, job.edit, progress)
     direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
     num_layers = d.num_layers
     plan = stages.strength_plan(job.edit, num_layers)

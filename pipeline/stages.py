@@ -132,8 +132,14 @@ def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
     return Prompts(merged[0], merged[1], tuple(sets))
 
 
-def measure_directions(loaded: Loaded, prompts: Prompts, cfg: dirs.DirectionsConfig) -> dirs.Directions:
-    d = dirs.measure(loaded.model, loaded.tokenizer, prompts.harmful.measure, prompts.harmless.measure, cfg)
+def measure_directions(
+    loaded: Loaded, prompts: Prompts, cfg: dirs.DirectionsConfig, edit: EditConfig | None = None, progress=None
+) -> dirs.Directions:
+    groups = {p: part.source for part in prompts.harmful_sets for p in part.measure}
+    d = dirs.measure(
+        loaded.model, loaded.tokenizer, prompts.harmful.measure, prompts.harmless.measure, cfg, edit, progress,
+        groups,
+    )
     d.info.update({"model": loaded.model_id, "prompts_split": prompts.record()})
     return d
 
@@ -144,7 +150,7 @@ def chosen_direction(d: dirs.Directions, layer: str, edit: EditConfig) -> tuple[
     if edit.per_layer:
         table = d.projected if projected else d.directions
         return table.clone(), {"spec": "per-layer"}
-    return dirs.resolve_layer(layer, d, projected=projected)
+    return dirs.removal(d, layer, projected=projected, per_set=edit.per_set)
 
 
 def edit_and_save_in_memory(loaded: Loaded, direction: torch.Tensor, edit: EditConfig, folder: Path) -> int:

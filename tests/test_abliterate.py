@@ -8,7 +8,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming, edit_tensor, shard_files, strengths
+from pipeline.abliterate import (
+    EditConfig,
+    apply_in_memory,
+    apply_streaming,
+    edit_tensor,
+    orthonormal,
+    shard_files,
+    strengths,
+)
 from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
 from pipeline.kernels import ComponentKernel
 from tests.tiny_models import save_tiny, tiny_model
@@ -134,3 +142,25 @@ def test_streaming_equals_in_memory_and_keeps_untouched_bytes(tmp_path):
     assert edited >= len(writers) - 1 and untouched > 0
     for extra in ("config.json", "generation_config.json"):
         assert (tmp_path / "dst" / extra).read_bytes() == (src / extra).read_bytes()
+
+
+@pytest.mark.parametrize("norm_preserving", [False, True])
+def test_several_directions_are_removed_together(norm_preserving):
+    g = torch.Generator().manual_seed(7)
+    raw = torch.randn(3, 64, generator=g)
+    raw[2] = raw[0] + raw[1]  # dependent: the span has rank 2
+    basis = orthonormal(raw)
+    assert basis.shape == (2, 64)
+    assert torch.allclose(basis @ basis.T, torch.eye(2), atol=1e-5)
+    assert (raw[0] @ basis[0]) > 0  # same orientation as the first input
+    w = torch.randn(64, 40, generator=g)
+    edited = edit_tensor(w, basis, 0, 1.0, norm_preserving)
+    # Every vector of the span, not only the basis rows, is gone from what the tensor writes.
+    assert (raw @ edited).abs().max() < 1e-4
+    assert (raw @ w).abs().max() > 1.0
+    if norm_preserving:
+        assert torch.allclose(edited.norm(dim=0), w.norm(dim=0), rtol=1e-5)
+    else:
+        # The standard edit is the projection onto the complement of the span.
+        projector = torch.eye(64) - basis.T @ basis
+        assert torch.allclose(edited, projector @ w, atol=1e-5)

@@ -85,8 +85,45 @@ def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_p
     )
     assert d.directions.shape == (6, 128)
     assert torch.allclose(d.directions.norm(dim=-1), torch.ones(6), atol=1e-5)
-    assert all(s.valid and s.accuracy >= 0.9 for s in d.stats)
+    # The demo refuses its harmful measurement phrasings and answers the harmless ones: all are kept.
+    kept = d.info["filter"]
+    assert kept["harmful"]["kept"] >= 0.9 * kept["harmful"]["of"]
+    assert kept["harmless"]["kept"] >= 0.9 * kept["harmless"]["of"]
     chosen = d.stats[d.suggested_layer]
-    # Ablating the chosen direction removes (almost) all refusals at little cost.
+    assert d.suggested_layer in d.info["selection"]["candidates"] == [2, 3, 4]
+    # Editing the chosen direction out of the weights removes (almost) all refusals at little cost.
     assert chosen.refusal_ablated <= 0.1 and chosen.kl_ablated < 0.1
-    assert d.suggested_layer < 0.8 * 6
+    assert d.info["selection"]["weak"] is False
+    assert chosen.accuracy >= 0.9  # and the direction separates the held-out prompts
+
+
+def test_removal_spans_the_directions_of_every_prompt_set(tmp_path):
+    from pipeline.abliterate import edit_tensor
+
+    d = _fake(num_layers=5, hidden=8)
+    g = torch.Generator().manual_seed(9)
+    d.set_directions = dirs.unit(torch.randn(2, 5, 8, generator=g))
+    d.set_names = ("censored", "harmful")
+    basis, info = dirs.removal(d, "best", per_set=True)
+    assert basis.shape == (5, 2, 8) and info["rank"] == 2 and info["sets"] == ["censored", "harmful"]
+    single, info1 = dirs.removal(d, "best", per_set=False)
+    assert single.shape == (8,) and "rank" not in info1
+    # An edit with the span removes both sets' directions (of the chosen layer) from a weight.
+    w = torch.nn.Linear(8, 8, bias=False)
+    w.weight.data = torch.randn(8, 8, generator=g)
+    out = dirs.unit(d.set_directions[:, 2])
+    assert (out @ w.weight.data).abs().max() > 1e-2
+    edited = edit_tensor(w.weight.data, basis[0], 0, 1.0)
+    assert (out @ edited).abs().max() < 1e-5
+    # Saved and loaded with the rest.
+    dirs.save(d, tmp_path)
+    back = dirs.load(tmp_path)
+    assert back.set_names == d.set_names and torch.equal(back.set_directions, d.set_directions)
+
+
+def test_candidate_layers_cover_the_middle_of_the_depth():
+    from pipeline.selection import candidate_layers
+
+    assert candidate_layers(24, 0.3, 0.8) == list(range(7, 19))
+    assert candidate_layers(6, 0.3, 0.8) == [2, 3, 4]
+    assert candidate_layers(2, 0.3, 0.8) == [1]

@@ -31,7 +31,7 @@ def _error(excinfo: pytest.ExceptionInfo[UserError]) -> str:
 # ---------------------------------------------------------------- built-ins
 
 
-@pytest.mark.parametrize("name", ["censored", "harmless"])
+@pytest.mark.parametrize("name", ["censored", "harmless", "harmful", "harmless-general"])
 def test_builtin_sets_load(name: str) -> None:
     assert name in builtin_names()
     loaded = load_prompts(name)
@@ -380,3 +380,32 @@ def test_refusal_markers() -> None:
 def test_reference_text() -> None:
     words = (DATA / "reference.txt").read_text().split()
     assert 600 <= len(words) <= 1000
+
+
+def test_several_harmful_sets_are_measured_together_and_reported_apart() -> None:
+    from pipeline.stages import PromptsConfig, resolve_prompts
+
+    prompts = resolve_prompts("some/model", PromptsConfig(max_prompts=20, max_eval=6))
+    assert [s.source for s in prompts.harmful_sets] == ["censored", "harmful"]
+    assert prompts.harmful.source == "censored,harmful"
+    assert len(prompts.harmful.measure) == 20
+    # Measurement interleaves the sets (a cap takes from both); evaluation keeps each set's part.
+    sources = {p: s.source for s in prompts.harmful_sets for p in s.measure}
+    assert {sources[p] for p in prompts.harmful.measure[:2]} == {"censored", "harmful"}
+    assert prompts.eval_groups() == ["censored"] * 6 + ["harmful"] * 6
+    assert not set(prompts.harmful.measure) & set(prompts.harmful.evaluate)
+    assert prompts.record()["harmful_sets"][1]["source"] == "harmful"
+    harmless = {s for s in load_prompts("harmless").prompts} | set(load_prompts("harmless-general").prompts)
+    assert set(prompts.harmless.evaluate) <= harmless
+    demo = resolve_prompts("demo", PromptsConfig())
+    assert demo.harmful.source == "demo-harmful" and len(demo.harmful_sets) == 1
+
+
+def test_general_harmful_set_matches_its_harmless_twin_in_form() -> None:
+    harmful = load_prompts("harmful").prompts
+    twin = load_prompts("harmless-general").prompts
+    assert len(harmful) >= 120 and len(twin) == len(harmful)
+    assert not set(harmful) & set(twin)
+    # Line for line the same opening verb: the two sets differ in what is asked, not in form.
+    same_start = sum(a.split()[0] == b.split()[0] for a, b in zip(harmful, twin, strict=True))
+    assert same_start / len(harmful) >= 0.9
