@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_streaming.py
 	$(BIN)/python bench/bench_search.py
 	$(BIN)/python bench/bench_tune.py
+	$(BIN)/python bench/bench_real.py
 
 clean:
 	rm -rf out tests/_output bench/results

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_HARMFUL = "censored,harmful"
+# Generation dominates on a CPU: these caps keep the default chain on a 0.5B model under 10 minutes.
+REAL_MAX_PROMPTS, REAL_MAX_EVAL = 64, 32
 DEFAULT_HARMLESS = "harmless,harmless-general"
 
 
@@ -48,9 +50,13 @@ class PromptsConfig(BaseModel):
         0.25, gt=0, lt=1, description="Share held out for evaluation when a set has no eval part."
     )
     max_prompts: int | None = Field(
-        64, ge=2, description="At most this many measurement prompts per class, before filtering."
+        None, ge=2, description=f"At most this many measurement prompts per class, before filtering (default: "
+        f"{REAL_MAX_PROMPTS}; all for demo, whose prompts are cheap)."
     )
-    max_eval: int | None = Field(32, ge=2, description="At most this many evaluation prompts per set.")
+    max_eval: int | None = Field(
+        None, ge=2, description=f"At most this many evaluation prompts per set (default: {REAL_MAX_EVAL}; all for "
+        "demo)."
+    )
     seed: int = Field(0, description="Seed of the measurement/evaluation split.")
 
 
@@ -111,6 +117,9 @@ def default_specs(model_id: str) -> tuple[str, str]:
 
 def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
     defaults = default_specs(model_id)
+    demo = is_demo(model_id)
+    max_measure = cfg.max_prompts or (None if demo else REAL_MAX_PROMPTS)
+    max_eval = cfg.max_eval or (None if demo else REAL_MAX_EVAL)
     merged = []
     sets: list[PromptSplit] = []
     for spec, default in zip((cfg.harmful, cfg.harmless), defaults, strict=True):
@@ -122,12 +131,12 @@ def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
                 load_prompts(part, split=cfg.split, column=cfg.column),
                 eval_fraction=cfg.eval_fraction,
                 seed=cfg.seed,
-                max_measure=cfg.max_prompts,
-                max_eval=cfg.max_eval,
+                max_measure=max_measure,
+                max_eval=max_eval,
             )
             for part in parts
         ]
-        merged.append(_merge(splits, cfg.max_prompts))
+        merged.append(_merge(splits, max_measure))
         sets = sets or splits
     return Prompts(merged[0], merged[1], tuple(sets))
 

@@ -337,4 +337,4 @@ def test_refusal_rates_per_set() -> None:
     }
     assert by_set(["one"] * 5, base, model) is None
     with pytest.raises(ValueError):
-        by_set(groups[:2], base, model)
+        by_set(groups[:3], base, model)

@@ -21,7 +21,7 @@ from tests.test_pairs import abliterated_demo, demo_pairs_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # A CPU budget: 16 DPO steps of 8 pairs, LoRA r16 / alpha 32, beta 0.1 (the defaults otherwise).
-DPO = TuneConfig(max_steps=16, batch_size=8, grad_accum=1, max_length=96, learning_rate=5e-4, scheduler="constant",
+DPO = TuneConfig(max_steps=16, batch_size=8, grad_accum=1, max_length=96, learning_rate=3e-4, scheduler="constant",
                  keep_adapter=True, logging_steps=4)
 
 
