@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import directions as dirs
 from pipeline import stages
-from pipeline.abliterate import EditConfig
+from pipeline.abliterate import EditConfig, check_editable_in_memory
 from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
@@ -52,6 +52,9 @@ def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measur
 def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     """Run one abliteration into job.out; returns a summary (paths, layer, evaluation)."""
     check_target(job.out, job.overwrite)
+    if job.load.load_in_4bit and not job.streaming:  # the in-memory edit would edit packed 4-bit bytes
+        raise UserError("--load-in-4bit needs --streaming: the 4-bit model is only measured, and the edit is "
+                        "applied to the full-precision shards on disk")
     prompts = stages.resolve_prompts(job.model, job.prompts)
     loaded = None
     if job.directions_file:
@@ -59,6 +62,8 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     else:
         say(progress, f"loading {job.model}")
         loaded = load_model(job.model, job.load)
+        if not job.streaming:  # fail now, not after the base evaluation, when offloaded weights cannot be edited
+            check_editable_in_memory(loaded.model)
         say(progress, "measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure)
     direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
