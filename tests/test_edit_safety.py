@@ -76,7 +76,7 @@ def test_streaming_count_is_the_tensors_that_really_changed(tmp_path):
     mt, n = model_type_of(model.config), num_layers_of(model.config)
     changed = apply_streaming(tmp_path / "src", tmp_path / "dst", _unit(hidden_size_of(model.config), 3),
                               EditConfig(), n, mt)
-    a, b = load_file(str(tmp_path / "src" / "model.safetensors")), load_file(str(tmp_path / "dst" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / side / "model.safetensors")) for side in ("src", "dst"))
     really = sum(not torch.equal(a[k], b[k]) for k in a)
     assert changed == really and torch.equal(a[zeroed], b[zeroed])
 
