@@ -54,10 +54,10 @@ class Prompts:
         return {"harmful": self.harmful.record(), "harmless": self.harmless.record()}
 
     def hub_datasets(self) -> list[str]:
-        from pipeline.prompts import builtin_names
+        """The sources that were Hub datasets (a local file's path has a '/' too: it is not one)."""
+        from pipeline.sources import is_hub_id
 
-        names = builtin_names()
-        return [s.source for s in (self.harmful, self.harmless) if "/" in s.source and s.source not in names]
+        return [s.source for s in (self.harmful, self.harmless) if is_hub_id(s.source)]
 
 
 def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
