@@ -284,8 +284,19 @@ def _clear_stale(out: Path, progress: Progress | None) -> None:
     shutil.rmtree(out)
 
 
-def run_job(job: RunJob, progress: Progress | None = None, token: str | None = None) -> dict:
-    """The whole path from model to Hub; finished stages found on disk are reused."""
+def run_job(job: RunJob, progress: Progress | None = None, token: str | bool | None = None) -> dict:
+    """The whole path from model to Hub; finished stages found on disk are reused.
+
+    `token` reads the Hub for this job and writes the push: None means HF_TOKEN or the saved
+    login (the CLI), False anonymous reads and no push (a signed-out Space visitor).
+    """
+    from pipeline.hub_token import reading_as
+
+    with reading_as(token):
+        return _run_job(job, progress, token)
+
+
+def _run_job(job: RunJob, progress: Progress | None, token: str | bool | None) -> dict:
     from huggingface_hub import HfApi
 
     from pipeline.card import write_card
@@ -311,7 +322,7 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | None = N
     else:
         results = _evaluate_folder(job, out, progress)
         fingerprint.record(out, eval=fps["eval"])
-    api = HfApi(token=token) if token else None
+    api = HfApi(token=token) if isinstance(token, str) and token else None
     say(progress, "writing the model card")
     write_card(out, job.repo_id, api if job.push else None)
     url = None
