@@ -115,7 +115,7 @@ def matches(folder: Path, stage: str, expected: str) -> bool:
 
 def default_folder_name(model: str, method: str) -> str:
     """`owner--name-method` for a Hub id (so orgA/X and orgB/X differ), else the folder's or `demo`'s name."""
-    from pipeline.card import is_hub_id
+    from pipeline.sources import is_hub_id
 
     if is_hub_id(model):
         owner, name = model.split("/")
