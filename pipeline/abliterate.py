@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.architectures import WriterMatch, find_writers
+from pipeline.errors import UserError
 from pipeline.kernels import PRESETS, ComponentKernel, layer_weights
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ def edit_tensor(
 
 @torch.no_grad()
 def apply_in_memory(model, directions: torch.Tensor, cfg: EditConfig, num_layers: int, model_type: str) -> int:
-    """Edit a loaded model in place; returns the number of tensors changed."""
+    """Edit a loaded model in place; returns the number of tensors that actually changed."""
+    check_editable_in_memory(model)
     plan = strengths(cfg, num_layers)
     params = dict(model.named_parameters())
     changed = 0
@@ -165,7 +167,16 @@ def apply_in_memory(model, directions: torch.Tensor, cfg: EditConfig, num_layers
             continue
         p = params[match.name]
         r = direction_for(match, directions)
-        p.data.copy_(edit_tensor(p.data, r, match.hidden_axis, s, cfg.method == "norm-preserving"))
+        edited = edit_tensor(p.data, r, match.hidden_axis, s, cfg.method == "norm-preserving")
+        if torch.equal(edited, p.data):  # e.g. a weight already orthogonal to r: not counted as changed
+            log.info("%s: the edit leaves it unchanged", match.name)
+            continue
+        p.data.copy_(edited)
+        # Offloaded or quantized weights can swallow the write (placeholders): then the saved
+        # model would be the original while the summary claims an edit. Check the write took.
+        if not torch.equal(p.data, edited):
+            raise UserError(f"the in-memory edit of {match.name} did not take effect (offloaded or quantized "
+                            "weights?): use --streaming to edit the saved shards")
         changed += 1
     if cfg.embed_strength and getattr(model.config, "tie_word_embeddings", False):
         log.warning("embeddings are tied to the output head: the embedding edit also changes the logits")
@@ -227,11 +238,15 @@ def _edit_shard(src: Path, dst: Path, directions, cfg: EditConfig, plan: dict, m
     norm = cfg.method == "norm-preserving"
     with safe_open(str(src), framework="pt") as f, open(src, "rb") as raw, open(dst, "wb") as out:
 
+        unchanged: list[str] = []
+
         def compute(name: str) -> torch.Tensor:
             m = edits[name]
-            return edit_tensor(
-                f.get_tensor(name), direction_for(m, directions), m.hidden_axis, strength_of(m, plan), norm
-            )
+            original = f.get_tensor(name)
+            edited = edit_tensor(original, direction_for(m, directions), m.hidden_axis, strength_of(m, plan), norm)
+            if torch.equal(edited, original):  # counted only when its bytes really change
+                unchanged.append(name)
+            return edited
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(compute, order[0][0]) if order else None
@@ -247,7 +262,7 @@ def _edit_shard(src: Path, dst: Path, directions, cfg: EditConfig, plan: dict, m
                 out.write(data)
                 pos = end
             _copy_range(raw, out, base + pos, raw.seek(0, 2) - base - pos)
-    return len(edits)
+    return len(edits) - len(unchanged)
 
 
 def apply_streaming(
@@ -256,7 +271,9 @@ def apply_streaming(
     """Edit a saved model shard by shard into `dst`: same shard names and index.
 
     Only residual-writing tensors are edited; every other tensor keeps its
-    bytes. Peak memory is about one shard. Non-weight files are copied as-is.
+    bytes. Peak memory is about one shard. Of the other files only those that
+    make the model loadable are copied (see `is_model_file`): the source's own
+    card, evaluation or recipe must never be published as this model's.
     """
     from tqdm.auto import tqdm
 
@@ -264,13 +281,42 @@ def apply_streaming(
     dst.mkdir(parents=True, exist_ok=True)
     shards = shard_files(src)
     if not shards:
-        from pipeline.errors import UserError
-
         raise UserError(f"no .safetensors weights in '{src}': streaming needs safetensors shards")
     changed = 0
     for shard in tqdm(shards, desc="shards", leave=False):
         changed += _edit_shard(shard, dst / shard.name, directions, cfg, plan, model_type)
     for item in src.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and not (dst / item.name).exists():
+        if item.is_file() and is_model_file(item.name) and not (dst / item.name).exists():
             shutil.copy2(item, dst / item.name)
     return changed
+
+
+# What a saved model needs besides its weights: config, shard index, tokenizer, chat template and
+# generation settings. Anything else in the source (README.md, eval_results.json, recipe.json,
+# directions, licences of other repos...) describes the source, not the edited model.
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
+               "added_tokens.json", "merges.txt", "tekken.json", "preprocessor_config.json", "processor_config.json")
+MODEL_FILE_PREFIXES = ("tokenizer", "vocab.", "chat_template.")
+MODEL_FILE_SUFFIXES = (".model", ".tiktoken")
+
+
+def is_model_file(name: str) -> bool:
+    """True for the non-weight files that `apply_streaming` copies from the source model."""
+    return name in MODEL_FILES or name.startswith(MODEL_FILE_PREFIXES) or name.endswith(MODEL_FILE_SUFFIXES)
+
+
+def check_editable_in_memory(model) -> None:
+    """Refuse a loaded model whose weights cannot be edited in place (one line, pointing to --streaming).
+
+    4-bit weights are packed integer bytes, and offloaded weights (device_map with CPU/disk offload)
+    are placeholders on the `meta` device: an in-memory edit would crash or silently change nothing.
+    Checked on the tensors themselves, so a model dequantized to float on loading passes.
+    """
+    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise UserError(f"the model's weights are quantized (e.g. --load-in-4bit; {packed[0]}): they cannot be "
+                        "edited in memory; use --streaming to edit the full-precision shards")
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise UserError(f"{len(offloaded)} weights are offloaded (device map with CPU/disk offload, e.g. "
+                        f"{offloaded[0]}): they cannot be edited in memory; use --streaming instead")

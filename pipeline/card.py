@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline import sources
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ CHARTS = ("strengths.png", "directions.png")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 TASK_NAMES = {"harmful": "Refusals on harmful prompts", "harmless": "Drift from the base model on harmless prompts",
               "perplexity": "Language modelling on a reference text"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 METHOD_LABELS = {
     "standard": "standard (directional) abliteration",
     "projected": "projected abliteration",
@@ -64,7 +64,49 @@ class CardConfig(BaseModel):
 
 def is_hub_id(model: str | None) -> bool:
     """True when `model` names a Hub repo (owner/name) rather than `demo` or a local folder."""
-    return bool(model) and bool(_HUB_ID.match(model or "")) and not Path(model or "").exists()
+    return sources.is_hub_id(model)
+
+
+def _path_like(text: str) -> bool:
+    """A string of a recipe or command that names a place on this machine (Hub ids and URLs are not)."""
+    if text.startswith(("http://", "https://")) or sources.is_hub_id(text):
+        return False
+    return "/" in text or "\\" in text or text.startswith("~") or Path(text).suffix.lower() in sources.FILE_SUFFIXES
+
+
+def public_value(value: Any) -> Any:
+    """`value` (a recipe) with every machine path replaced by a placeholder: the card is published."""
+    if isinstance(value, dict):
+        return {k: public_command(v) if k == "command" and isinstance(v, str) else public_value(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [public_value(v) for v in value]
+    if isinstance(value, str) and _path_like(value):
+        return sources.LOCAL_PATH
+    return value
+
+
+# Flags whose value is always a path (`--out out/x` looks like a Hub id but is a folder here).
+PATH_FLAGS = ("--out", "--directions", "--study", "--json", "--vector", "--recipe", "--markers-file",
+              "--perplexity-file")
+
+
+def public_command(command: str) -> str:
+    """A recorded command line with its paths (`/home/me/x`, `--out=./o`) replaced by a placeholder."""
+    words: list[str] = []
+    for word in command.split():
+        flag, eq, rest = word.partition("=")
+        previous = words[-1] if words else ""
+        if eq and flag.startswith("--"):
+            local = flag in PATH_FLAGS or _path_like(rest)
+            words.append(f"{flag}={sources.LOCAL_PATH}" if local else word)
+        else:
+            words.append(sources.LOCAL_PATH if previous in PATH_FLAGS or _path_like(word) else word)
+    return " ".join(words)
+
+
+def _public_prompts(prompts: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, {**v, "source": sources.describe(v.get("source"))}) for k, v in prompts.items() if isinstance(v, dict)]
 
 
 def load_json(folder: Path, name: str, hint: str) -> dict[str, Any]:
@@ -140,9 +182,10 @@ def eval_results_of(evals: dict[str, Any]) -> list[Any]:
         if value is None:
             continue
         source, split = _prompt_source(evals, which)
+        public = sources.describe(source)  # a local file: described, its path kept off the Hub
         results.append(EvalResult(
             task_type="text-generation", task_name=TASK_NAMES[which],
-            dataset_type=source, dataset_name=source, dataset_split=split,
+            dataset_type=source if public == source else "local", dataset_name=public, dataset_split=split,
             metric_type=metric, metric_name=name, metric_value=value,
         ))
     return results
@@ -155,6 +198,11 @@ def _tags(recipe: dict[str, Any]) -> list[str]:
     if kind in ("dpo", "sft"):
         return ["uncensored", kind, "lora"]
     return ["uncensored", "weight-steering", "contrastive-weight-steering"]
+
+
+def _hub_datasets(recipe: dict[str, Any]) -> list[str]:
+    """The recipe's datasets that are Hub ids (older recipes listed local prompt files too)."""
+    return [d for d in recipe.get("datasets") or [] if sources.is_hub_id(d)]
 
 
 def card_data(recipe: dict[str, Any], evals: dict[str, Any], model_name: str,
@@ -175,7 +223,7 @@ def card_data(recipe: dict[str, Any], evals: dict[str, Any], model_name: str,
         license_link=base_card.get("license_link"),
         language=language,
         tags=_tags(recipe),
-        datasets=list(recipe.get("datasets") or []) or None,
+        datasets=_hub_datasets(recipe) or None,
         eval_results=eval_results_of(evals) or None,
         model_name=model_name,
         **extra,
@@ -214,6 +262,7 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     counts = evals.get("refusals") or {}
     harmful, harmful_split = _prompt_source(evals, "harmful")
     harmless, harmless_split = _prompt_source(evals, "harmless")
+    harmful, harmless = sources.describe(harmful), sources.describe(harmless)
     num = evals.get("num_prompts") or {}
 
     def total(side: str) -> str:
@@ -223,7 +272,7 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     harmful_set = f"`{harmful}` ({harmful_split} split, {num.get('harmful', '?')} prompts)"
     harmless_set = f"`{harmless}` ({harmless_split} split, {num.get('harmless', '?')} prompts)"
     ppl_source, _ = _prompt_source(evals, "perplexity")
-    ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{ppl_source}`"
+    ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{sources.describe(ppl_source)}`"
     rows = [
         ("Refusal rate ↓", _pct(refusal_base) + total("base"), _pct(refusal_model) + total("model"), harmful_set),
         *(
@@ -259,7 +308,7 @@ def _strength_rows(strengths: dict[str, Any] | None) -> tuple[list[str], list[li
 def context(folder: Path, recipe: dict[str, Any], evals: dict[str, Any], repo_id: str | None,
             front_matter: str) -> dict[str, Any]:
     """Everything the templates read."""
-    base = str(recipe.get("base_model") or "unknown")
+    base = sources.describe(str(recipe.get("base_model") or "unknown"), sources.LOCAL_MODEL)
     method = str(recipe.get("method") or recipe.get("kind"))
     model_name = repo_id.split("/")[-1] if repo_id else folder.resolve().name
     header, strength_rows = _strength_rows(recipe.get("strengths"))
@@ -268,11 +317,12 @@ def context(folder: Path, recipe: dict[str, Any], evals: dict[str, Any], repo_id
     return {
         "front_matter": front_matter,
         "model_name": model_name,
-        "model_ref": repo_id or str(folder),
+        "model_ref": repo_id or f"path/to/{folder.resolve().name}",  # never this machine's path
         "kind": recipe.get("kind"),
         "method": method,
         "method_label": METHOD_LABELS.get(method, method),
         "base_model": base,
+        "base_model_md": f"`{base}`" if base != sources.LOCAL_MODEL else base,
         "base_is_hub": is_hub_id(base),
         "base_revision": recipe.get("base_revision"),
         "parameters": [(str(k), _cell(v)) for k, v in parameters.items()],
@@ -283,12 +333,12 @@ def context(folder: Path, recipe: dict[str, Any], evals: dict[str, Any], repo_id
         "strength_rows": strength_rows,
         "scalar_strengths": [(k, _cell(v)) for k, v in scalar_strengths.items()],
         "charts": [name for name in CHARTS if (folder / name).is_file()],
-        "prompts": [(k, v) for k, v in (recipe.get("prompts") or {}).items() if isinstance(v, dict)],
-        "datasets": list(recipe.get("datasets") or []),
+        "prompts": _public_prompts(recipe.get("prompts") or {}),
+        "datasets": _hub_datasets(recipe),
         "seed": recipe.get("seed"),
         "evaluation": _evaluation(evals),
-        "command": recipe.get("command") or "(not recorded)",
-        "recipe_json": json.dumps(recipe, indent=2, ensure_ascii=False),
+        "command": public_command(recipe.get("command") or "") or "(not recorded)",
+        "recipe_json": json.dumps(public_value(recipe), indent=2, ensure_ascii=False),
         "versions": [(k, _cell(v)) for k, v in (recipe.get("versions") or {}).items()],
         "shards": sorted((recipe.get("shards") or {}).items()),
         "created": recipe.get("created"),

@@ -258,7 +258,7 @@ def _run_parser(sub) -> None:
     p.add_argument("--recipe", type=Path, help="YAML file of several jobs (models x methods), run one after the other.")
     p.add_argument("--repo-id", help="Target Hub repo OWNER/NAME.")
     p.add_argument("--method", choices=["abliterate", "auto", "dpo", "steer"], default="abliterate")
-    p.add_argument("--out", type=Path, help="Output folder (default: out/<model>-<method>).")
+    p.add_argument("--out", type=Path, help="Output folder (default: out/<owner>--<name>-<method> for a Hub id).")
     p.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
     p.add_argument("--no-push", action="store_true", help="Stop after the card; upload nothing.")
     p.add_argument("--layer", help="Direction layer: an index, 'best', or a fraction.")

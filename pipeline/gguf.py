@@ -38,8 +38,11 @@ def gguf_file(model_id: str, cfg: LoadConfig) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    try:
-        return Path(hf_hub_download(model_id, name, revision=cfg.revision))
+    from pipeline.hub_token import check_access, read_token
+
+    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/hub_token.py
+        check_access(model_id, cfg.revision)
+        return Path(hf_hub_download(model_id, name, revision=cfg.revision, token=read_token()))
     except EntryNotFoundError as exc:
         raise UserError(f"model '{model_id}' has no file '{name}': check --gguf-file") from exc
     except Exception as exc:  # noqa: BLE001 - translated below, re-raised otherwise

@@ -15,6 +15,7 @@ matrix:              # ... and/or every model x method
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from pipeline.errors import UserError
 from pipeline.progress import Progress
 from pipeline.run import RunJob, run_job
 
+log = logging.getLogger(__name__)
+
 
 def _job(entry: dict[str, Any], defaults: dict[str, Any], where: str) -> RunJob:
     merged = {**defaults, **entry, "options": {**defaults.get("options", {}), **entry.get("options", {})}}
@@ -33,7 +36,23 @@ def _job(entry: dict[str, Any], defaults: dict[str, Any], where: str) -> RunJob:
         return RunJob(**merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise UserError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise UserError(f"{where}: {'.'.join(map(str, err['loc']))}: {message}") from exc
+
+
+RECIPE_KEYS = ("defaults", "jobs", "matrix")
+MATRIX_KEYS = ("models", "methods", "repo_id")
+
+
+def _check_keys(data: Any, valid: tuple[str, ...], where: str) -> None:
+    """A misspelt section (`job:` for `jobs:`) is an error, not silently ignored."""
+    from pipeline.options import unknown_key_message
+
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping")
+    for key in data:
+        if key not in valid:
+            raise UserError(f"{where}: {unknown_key_message(str(key), valid, 'key')}")
 
 
 def load_jobs(path: Path) -> list[RunJob]:
@@ -45,6 +64,8 @@ def load_jobs(path: Path) -> list[RunJob]:
         raise UserError(f"recipe '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict) or not (data.get("jobs") or data.get("matrix")):
         raise UserError(f"recipe '{path}' needs a 'jobs' list or a 'matrix' of models and methods")
+    _check_keys(data, RECIPE_KEYS, f"recipe '{path}'")
+    _check_keys(data.get("matrix") or {}, MATRIX_KEYS, f"recipe '{path}': matrix")
     defaults = data.get("defaults") or {}
     jobs = [_job(e, defaults, f"{path}: job {i + 1}") for i, e in enumerate(data.get("jobs") or [])]
     matrix = data.get("matrix") or {}
@@ -67,6 +88,11 @@ def run_jobs(jobs: list[RunJob], progress: Progress | None = print, token: str |
         except UserError as exc:
             outcomes.append((job, f"failed: {exc}", exc.exit_code))
             print(f"error: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not cost the other jobs their run
+            log.error("job %d (%s) failed unexpectedly", i, job.model, exc_info=True)
+            line = " ".join(f"unexpected error ({type(exc).__name__}): {exc}".split())
+            outcomes.append((job, f"failed: {line}", 1))
+            print(f"error: {line}", file=sys.stderr)
     if progress:
         progress("summary:")
         for job, text, _ in outcomes:

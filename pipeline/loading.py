@@ -104,8 +104,12 @@ def local_path(model_id: str, cfg: LoadConfig = LoadConfig()) -> Path:
         raise UserError(f"model path '{model_id}' does not exist")
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(model_id, revision=cfg.revision, allow_patterns=WEIGHT_PATTERNS))
+    from pipeline.hub_token import check_access, read_token
+
+    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/hub_token.py
+        check_access(model_id, cfg.revision)
+        return Path(snapshot_download(model_id, revision=cfg.revision, allow_patterns=WEIGHT_PATTERNS,
+                                      token=read_token()))
     except Exception as exc:  # noqa: BLE001 - translated below, re-raised otherwise
         err = hub_errors(model_id, exc)
         if err is None:

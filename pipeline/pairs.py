@@ -129,8 +129,12 @@ def _read_hub(name: str, split: str, revision: str | None) -> list[tuple[str, An
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    from pipeline.hub_token import check_access, token_kwargs
+
     try:
-        dataset = datasets.load_dataset(name, split=split, revision=revision)
+        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/hub_token.py)
+        check_access(name, revision, "dataset")
+        dataset = datasets.load_dataset(name, split=split, revision=revision, **token_kwargs())
     except GatedRepoError:
         raise AuthError(f"Hub dataset {name!r} is gated: accept its terms on the Hub and set HF_TOKEN") from None
     except (DatasetNotFoundError, RepositoryNotFoundError):

@@ -202,11 +202,16 @@ def _load_hub(name: str, split: str, column: str | None, revision: str | None) -
         RepositoryNotFoundError,
     )
 
+    from pipeline.hub_token import check_access, token_kwargs
+
     at = f" (revision {revision!r})" if revision else ""
     try:
-        dataset = datasets.load_dataset(name, split=split, revision=revision)
+        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/hub_token.py)
+        check_access(name, revision, "dataset")
+        dataset = datasets.load_dataset(name, split=split, revision=revision, **token_kwargs())
     except (GatedRepoError, DatasetNotFoundError, RepositoryNotFoundError) as exc:
-        if isinstance(exc, GatedRepoError) or "gated" in str(exc).lower():
+        # datasets words a gated repo only in its message; the Hub's own 404 text mentions "gated" too
+        if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in str(exc).lower()):
             raise _fail(
                 f"Hub dataset {name!r} is gated: accept its terms at "
                 f"https://huggingface.co/datasets/{name} and set HF_TOKEN to that account's token.",

@@ -69,8 +69,7 @@ def check_repo_id(repo_id: str) -> str:
 
 def upload_files(folder: Path) -> list[UploadFile]:
     """The files `upload_folder` will send, with the same filtering."""
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.glob("**/*")) if p.is_file()}
     kept = filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
@@ -136,9 +135,11 @@ def _is_transient(err: BaseException) -> bool:
 
     if isinstance(err, HfHubHTTPError):
         return _status(err) in RETRY_STATUS
-    import httpx2
+    # `huggingface_hub.utils.httpx` is the client module the library itself uses (httpx2 in
+    # huggingface_hub 2), exported publicly under one name across major versions.
+    from huggingface_hub.utils import httpx
 
-    return isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError))
+    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
 def with_retries(call: Callable[[], T], what: str) -> T:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline import directions as dirs
-from pipeline import stages
-from pipeline.abliterate import EditConfig
+from pipeline import fingerprint, stages
+from pipeline.abliterate import EditConfig, check_editable_in_memory
 from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, is_gguf, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
@@ -55,6 +56,9 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     if job.streaming and is_gguf(job.model, job.load):
         raise UserError("--streaming edits safetensors shards: a GGUF file is dequantized and edited in memory "
                         "(drop --streaming)")
+    if job.load.load_in_4bit and not job.streaming:  # the in-memory edit would edit packed 4-bit bytes
+        raise UserError("--load-in-4bit needs --streaming: the 4-bit model is only measured, and the edit is "
+                        "applied to the full-precision shards on disk")
     prompts = stages.resolve_prompts(job.model, job.prompts)
     loaded = None
     if job.directions_file:
@@ -62,6 +66,8 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     else:
         say(progress, f"loading {job.model}")
         loaded = load_model(job.model, job.load)
+        if not job.streaming:  # fail now, not after the base evaluation, when offloaded weights cannot be edited
+            check_editable_in_memory(loaded.model)
         say(progress, "measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, progress)
     direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
@@ -145,15 +151,24 @@ class RunJob(BaseModel):
     model: str = Field(description="Hub id, local folder, or 'demo'.")
     repo_id: str | None = Field(None, description="Target Hub repo OWNER/NAME (required unless push is off).")
     method: Literal["abliterate", "auto", "dpo", "steer"] = Field("abliterate", description="What to do to the model.")
-    out: Path | None = Field(None, description="Output folder (default: out/<model name>-<method>).")
+    out: Path | None = Field(None, description="Output folder (default: out/<owner>--<name>-<method>).")
     private: bool = Field(False, description="Create the Hub repo as private.")
     push: bool = Field(True, description="Upload the result to the Hub.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Stage settings by config field name, e.g. {preset: aggressive}."
     )
 
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.options import check_option_keys
+
+        return check_option_keys(options)
+
     def output_dir(self) -> Path:
-        return self.out or Path("out") / f"{Path(self.model).name}-{self.method}"
+        from pipeline.fingerprint import default_folder_name
+
+        return self.out or Path("out") / default_folder_name(self.model, self.method)
 
 
 def _work_dir(out: Path) -> Path:
@@ -174,11 +189,15 @@ def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None
         job.options, LoadConfig, stages.PromptsConfig, dirs.DirectionsConfig, EditConfig
     )
     work = _work_dir(out) / "directions"
-    if not (work / dirs_mod.DIRECTIONS_JSON).exists():
+    expected = fingerprint.stage_fingerprints(job.model, job.method, job.options)["directions"]
+    if (work / dirs_mod.DIRECTIONS_JSON).exists() and fingerprint.matches(work, "directions", expected):
+        say(progress, f"reusing directions measured earlier ({work})")
+    else:
+        if work.exists():  # our own hidden work folder, measured for another model, prompts or settings
+            shutil.rmtree(work)
         say(progress, "measuring refusal directions")
         directions_only(job.model, work, load, prompts, measure, progress)
-    else:
-        say(progress, f"reusing directions measured earlier ({work})")
+        fingerprint.record(work, directions=expected)
     ajob = AbliterateJob(
         model=job.model,
         out=out,
@@ -263,8 +282,30 @@ def _evaluate_folder(job: RunJob, out: Path, progress: Progress | None) -> dict:
     return read_json(out / EVAL_FILE)
 
 
-def run_job(job: RunJob, progress: Progress | None = None, token: str | None = None) -> dict:
-    """The whole path from model to Hub; finished stages found on disk are reused."""
+def _clear_stale(out: Path, progress: Progress | None) -> None:
+    """Remove an output folder that an earlier `run` made with other settings; refuse any other folder."""
+    if not out.exists():
+        return
+    if not fingerprint.read(out):
+        raise UserError(f"output folder '{out}' exists but was not made by `run` (it has no fingerprint of its "
+                        "settings): delete it or choose another --out")
+    say(progress, f"the model, method, settings or prompts changed since {out} was made: making it again")
+    shutil.rmtree(out)
+
+
+def run_job(job: RunJob, progress: Progress | None = None, token: str | bool | None = None) -> dict:
+    """The whole path from model to Hub; finished stages found on disk are reused.
+
+    `token` reads the Hub for this job and writes the push: None means HF_TOKEN or the saved
+    login (the CLI), False anonymous reads and no push (a signed-out Space visitor).
+    """
+    from pipeline.hub_token import reading_as
+
+    with reading_as(token):
+        return _run_job(job, progress, token)
+
+
+def _run_job(job: RunJob, progress: Progress | None, token: str | bool | None) -> dict:
     from huggingface_hub import HfApi
 
     from pipeline.card import write_card
@@ -276,15 +317,21 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | None = N
             raise UserError("a repo id is needed to publish (--repo-id OWNER/NAME), or turn publishing off")
         check_repo_id(job.repo_id)
     out = job.output_dir()
-    if (out / RECIPE_FILE).exists():
+    fps = fingerprint.stage_fingerprints(job.model, job.method, job.options)
+    if (out / RECIPE_FILE).exists() and fingerprint.matches(out, "edit", fps["edit"]):
         say(progress, f"reusing the edited model in {out}")
     else:
+        _clear_stale(out, progress)
         _produce(job, out, progress)
-    if (out / EVAL_FILE).exists():
+        fingerprint.record(out, edit=fps["edit"])
+        if (out / EVAL_FILE).exists():  # auto, dpo and steer evaluate as they make the model
+            fingerprint.record(out, eval=fps["eval"])
+    if (out / EVAL_FILE).exists() and fingerprint.matches(out, "eval", fps["eval"]):
         results = read_json(out / EVAL_FILE)
     else:
         results = _evaluate_folder(job, out, progress)
-    api = HfApi(token=token) if token else None
+        fingerprint.record(out, eval=fps["eval"])
+    api = HfApi(token=token) if isinstance(token, str) and token else None
     say(progress, "writing the model card")
     write_card(out, job.repo_id, api if job.push else None)
     url = None

@@ -78,11 +78,11 @@ class Prompts:
         return [s.source for s in sets for _ in s.evaluate]
 
     def hub_datasets(self) -> list[str]:
-        from pipeline.prompts import builtin_names
+        """The sources that were Hub datasets (a local file's path has a '/' too: it is not one)."""
+        from pipeline.sources import is_hub_id
 
-        names = builtin_names()
         sources = [x for s in (self.harmful, self.harmless) for x in s.source.split(",")]
-        return [s for s in sources if "/" in s and s not in names]
+        return [s for s in sources if is_hub_id(s)]
 
 
 def _interleave(parts: list[tuple[str, ...]]) -> tuple[str, ...]:

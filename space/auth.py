@@ -2,20 +2,22 @@
 
 On a Space (``SYSTEM=spaces``) the only token is the signed-in user's OAuth token: the
 Space's own ``HF_TOKEN`` belongs to its owner and is never used for a user's job. Locally,
-the token comes from the token field, else from ``HF_TOKEN`` or the saved login. Tokens are
+the token comes from the token field, else, when the app listens on loopback only, from
+``HF_TOKEN`` or the saved login (bound to 0.0.0.0, every visitor would get it). Tokens are
 passed to the job that needs them and kept nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from space import policy
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ _REACHABLE: list = [False, -1e9]  # [answered, when]
 
 def on_spaces() -> bool:
     """True when running on a Hugging Face Space (the Hub sets SYSTEM=spaces)."""
-    return os.environ.get("SYSTEM") == "spaces"
+    return policy.on_spaces()
 
 
 def _token_value(oauth_token: Any) -> str | None:
@@ -36,9 +38,11 @@ def _token_value(oauth_token: Any) -> str | None:
 
 
 def resolve_token(oauth_token: Any = None, field_token: str | None = None) -> str | None:
-    """The token for this user's job: OAuth, else the token field, else (locally only) HF_TOKEN/login."""
+    """The token for this user's job: OAuth, else the token field, else HF_TOKEN/login of the machine, but
+    only for an app bound to loopback: then the visitor is the machine's own user. On a Space or on
+    0.0.0.0 any visitor could use that token."""
     token = _token_value(oauth_token) or _token_value(field_token)
-    if token or on_spaces():
+    if token or policy.public():
         return token
     from huggingface_hub import get_token
 
@@ -105,7 +109,9 @@ def _search(query: str, limit: int, answer: queue.Queue) -> None:
 
     try:
         if _hub_reachable():
-            models = HfApi().list_models(search=query, limit=limit, sort="downloads", pipeline_tag="text-generation")
+            # anonymous on a public app: the machine's token could list its owner's private models
+            api = HfApi(token=False if policy.public() else None)
+            models = api.list_models(search=query, limit=limit, sort="downloads", pipeline_tag="text-generation")
             answer.put([m.id for m in models])
     except Exception:  # noqa: BLE001 - suggestions are optional: Hub error, bad query
         pass

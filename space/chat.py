@@ -1,8 +1,10 @@
 """Side-by-side chat with the original and the edited model.
 
-The edited model of a job is loaded from its working folder before the folder is removed and
-kept in memory under a random key (the page holds only the key); the original is loaded on
-first use. Both caches keep few models, so memory stays bounded however many users come.
+The original and the edited model of a job are loaded while the job runs (the edited one from
+its working folder before the folder is removed, the original with that user's Hub token) and
+kept in memory under a random key; the page holds only the key. The chat answers with those
+two models only, never with a model named by the caller. The cache keeps few jobs, so memory
+stays bounded however many users come.
 """
 
 from __future__ import annotations
@@ -46,42 +48,38 @@ class ModelCache:
             self._items.clear()
 
 
-EDITED = ModelCache(int(os.environ.get("ABLITERATOR_CHAT_KEEP") or 2))
-ORIGINAL = ModelCache(1)
+# key -> (original, edited) of one job; the page holds only the key.
+JOBS = ModelCache(int(os.environ.get("ABLITERATOR_CHAT_KEEP") or 2))
 
 
-def keep_edited(folder: Path) -> str:
-    """Load the edited model in `folder` for the chat; returns its key."""
+def keep_edited(folder: Path, base_model: str) -> str:
+    """Load a job's edited model (in `folder`) and its original for the chat; returns their key.
+
+    Called inside the job, so the original is read from the Hub with that user's token; the chat
+    never loads a model by a name the caller gives.
+    """
     from pipeline.loading import load_model
 
     key = uuid.uuid4().hex
-    EDITED.put(key, load_model(str(folder)))
+    JOBS.put(key, (load_model(base_model), load_model(str(folder))))
     return key
 
 
-def original(model_id: str) -> Any:
-    from pipeline.loading import load_model
-
-    model_id = (model_id or "").strip()
-    loaded = ORIGINAL.get(model_id)
-    if loaded is None:
-        loaded = load_model(model_id)
-        ORIGINAL.put(model_id, loaded)
-    return loaded
-
-
-def answer(loaded: Any, prompt: str, max_new_tokens: int = CHAT_TOKENS) -> str:
+def answer(loaded: Any, prompt: str, max_new_tokens: int | None = None) -> str:
     from pipeline.evaluate import generate
+    from space.limits import Limits
 
-    return generate(loaded.model, loaded.tokenizer, [prompt], max_new_tokens, 1)[0].strip()
+    tokens = min(max_new_tokens or CHAT_TOKENS, Limits.from_env().max_new_tokens)
+    return generate(loaded.model, loaded.tokenizer, [prompt], tokens, 1)[0].strip()
 
 
-def replies(prompt: str, model_id: str, edited_key: str | None) -> tuple[str, str]:
-    """(original's answer, edited model's answer) to one prompt."""
+def replies(prompt: str, chat_key: str | None) -> tuple[str, str]:
+    """(original's answer, edited model's answer) to one prompt, from the job behind `chat_key`."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise UserError("type a message first")
-    edited = EDITED.get(edited_key) if edited_key else None
-    if edited is None:
+    pair = JOBS.get(chat_key) if chat_key else None
+    if pair is None:
         raise UserError("no edited model to chat with: run a job first (the chat keeps the last few results)")
-    return answer(original(model_id), prompt), answer(edited, prompt)
+    original, edited = pair
+    return answer(original, prompt), answer(edited, prompt)

@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 
 from pipeline.errors import UserError
-from space import auth, chat
+from space import auth, chat, limits, policy
 from space.jobs import HEAVY, STAGES, JobRequest, JobResult, JobRunner, stage_of
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,10 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
                        negative=(v.get("steer_negative") or "").strip(), k=_number(v.get("steer_k"), float, "k"))
     else:
         raise UserError(f"unknown method {method!r}: use abliterate, dpo or steer")
-    return method, {**options, **_extra(v.get("extra_options"))}
+    # Extra settings only from the allow-list; then sources (no server paths) and the caps on the whole.
+    options = {**options, **policy.check_extra(_extra(v.get("extra_options")))}
+    policy.check_sources(options)
+    return method, limits.apply_limits(options, limits.Limits.from_env())
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -153,8 +156,11 @@ def stream(publish: bool, values: dict[str, Any], oauth_token: Any, progress: An
     field_token = values.pop("hf_token", None)
     try:
         method, options = build_options(values)
-        token = auth.resolve_token(oauth_token, field_token) if publish else None
-        request = JobRequest(str(values.get("model_id") or "").strip() or "demo", values.get("repo_id"), method,
+        model_id = policy.check_model(str(values.get("model_id") or "").strip() or "demo")
+        # Resolved for unpublished runs too: the job reads the Hub as this user (their private models load,
+        # nobody else's do); None means anonymous reads.
+        token = auth.resolve_token(oauth_token, field_token)
+        request = JobRequest(model_id, values.get("repo_id"), method,
                              bool(values.get("private")), publish, options, token=token)
         runner = JobRunner(request, keep_for_chat=chat.keep_edited).start()
     except UserError as err:
@@ -197,13 +203,13 @@ def abliterate_and_publish(
     """Abliterate (or tune) the model, evaluate it, write its card and publish it to the Hub.
 
     Args:
-        model_id: Hub model id, or `demo`.
+        model_id: Hub model id, or `demo` (on a public app, no server folders).
         repo_id: target repo OWNER/NAME (default: {user}/{model}-abliterated).
         private: create the repo as private.
         method: abliterate, dpo or steer.
         mode: for abliterate: preset, manual or search.
         max_new_tokens: tokens generated per evaluation prompt.
-        extra_options: JSON object of any stage setting, e.g. {"select_prompts": 8}.
+        extra_options: JSON object of allowed stage settings (space/policy.py), e.g. {"select_prompts": 8}.
         hf_token: a write token (locally); on a Space, sign in instead.
     """
     values = {k: v for k, v in locals().items() if k not in ("oauth_token", "progress")}
@@ -218,18 +224,22 @@ def run_without_publishing(
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
     max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
-    progress: gr.Progress = gr.Progress(),
+    oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress(),
 ) -> Iterator[tuple]:
     """The same job without the upload: evaluate the edit and read its card first."""
-    values = {k: v for k, v in locals().items() if k != "progress"}
-    yield from stream(False, values, None, progress)
+    values = {k: v for k, v in locals().items() if k not in ("oauth_token", "progress")}
+    yield from stream(False, values, oauth_token, progress)
 
 
 def chat_turn(message: str, model_id: str, chat_key: str | None, left: list | None, right: list | None):
-    """Send one message to the original and the edited model; returns (cleared box, both histories)."""
+    """Send one message to the original and the edited model of this session's last job.
+
+    `model_id` (the model field) is not used: the chat answers with the two models that this
+    session's own job loaded, never with a model named by the caller.
+    """
     try:
         with HEAVY:
-            base, edited = chat.replies(message, model_id, chat_key)
+            base, edited = chat.replies(message, chat_key)
     except UserError as err:
         raise gr.Error(str(err), print_exception=False) from None
     user = {"role": "user", "content": message}

@@ -6,7 +6,9 @@ next stage boundary) never overlaps the next one. Cancelling raises `Cancelled` 
 worker at its next progress message; publishing is the last step, so a job cancelled before
 it publishes nothing. The working folder is a `tempfile.TemporaryDirectory`, removed when the
 job ends however it ends. The user's token lives only in the request object (never in its
-repr), is passed to `run_job` and is scrubbed from every log line.
+repr), is passed to `run_job` (which reads the Hub with it, or anonymously without one) and is
+scrubbed from every log line. A Hub model's size is checked against space/limits.py before
+anything is downloaded; afterwards a private model leaves the download cache.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 
 from pipeline.errors import AuthError, UserError
 from pipeline.push import scrub
-from space import auth
+from pipeline.sources import is_hub_id
+from space import auth, limits
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +122,45 @@ def _collect(out: Path, summary: dict[str, Any]) -> JobResult:
     return JobResult(summary["eval"], summary.get("url"), summary.get("repo_id"), card, charts, str(out.parent))
 
 
-def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: threading.Event,
-                 keep_for_chat: Callable[[Path], str | None] | None = None) -> JobResult:
-    """Run one job in a fresh temporary folder (removed afterwards); `say` gets scrubbed log lines."""
+def _check_size(request: JobRequest, progress: Callable[[str], None], caps: limits.Limits) -> Any:
+    """The Hub's metadata of a Hub model, read as this user, after checking it against the caps (else None)."""
+    if not is_hub_id(request.model_id):
+        return None
+    progress(f"checking the size of {request.model_id} on the Hub")
+    return limits.check_model_size(request.model_id, request.options.get("revision"), request.token or False, caps)
+
+
+def _clean_cache(request: JobRequest, info: Any, caps: limits.Limits) -> None:
+    """After a job: drop a private or gated model from the download cache, keep the cache bounded."""
+    try:
+        if info is not None and (info.private or info.gated):
+            limits.forget(request.model_id)
+        limits.prune_hub_cache(caps.cache_bytes)
+    except Exception as err:  # noqa: BLE001 - the job's outcome stands; the operator sees the warning
+        log.warning("could not prune the Hub cache: %s", type(err).__name__)
+
+
+def _make_job(request: JobRequest, tmp: str) -> Any:
     from pydantic import ValidationError
+
+    run = _run_job_module()
+    try:
+        return run.RunJob(model=request.model_id.strip(), repo_id=request.repo_id, method=request.method,
+                          out=Path(tmp) / auth.model_name(request.model_id), private=request.private,
+                          push=request.publish, options=request.options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise UserError(f"{'.'.join(map(str, first['loc']))}: {message}") from None
+
+
+def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: threading.Event,
+                 keep_for_chat: Callable[[Path, str], str | None] | None = None) -> JobResult:
+    """Run one job in a fresh temporary folder (removed afterwards); `say` gets scrubbed log lines.
+
+    Every Hub read of the job uses the user's token, or none (anonymous): never the machine's.
+    """
+    from pipeline.hub_token import reading_as
 
     def progress(message: str) -> None:
         if cancel.is_set():
@@ -132,37 +170,35 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
     if not HEAVY.acquire(blocking=False):
         say("waiting for the previous job to stop")
         HEAVY.acquire()
+    caps, info = limits.Limits.from_env(), None
+    read_token: str | bool = request.token or False
     try:
         request = resolve_repo(request)
         target = request.repo_id if request.publish else "not published"
         progress(f"job: {request.model_id} -> {request.method} -> {target}")
+        info = _check_size(request, progress, caps)
         with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as tmp:
             progress(f"working folder: {tmp}")
-            run = _run_job_module()
-            try:
-                job = run.RunJob(model=request.model_id.strip(), repo_id=request.repo_id, method=request.method,
-                                 out=Path(tmp) / auth.model_name(request.model_id), private=request.private,
-                                 push=request.publish, options=request.options)
-            except ValidationError as err:
-                first = err.errors()[0]
-                raise UserError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-            summary = run.run_job(job, progress, request.token)
+            job = _make_job(request, tmp)
+            summary = _run_job_module().run_job(job, progress, read_token)
             result = _collect(job.output_dir(), summary)
             if keep_for_chat is not None and not cancel.is_set():
-                say("loading the edited model for the chat")
+                say("loading the original and the edited model for the chat")
                 try:
-                    result.chat_key = keep_for_chat(job.output_dir())
+                    with reading_as(read_token):
+                        result.chat_key = keep_for_chat(job.output_dir(), request.model_id)
                 except Exception as err:  # noqa: BLE001 - the job itself succeeded; only the chat is missing
                     say(scrub(f"the chat is unavailable: {type(err).__name__}: {err}", request.token))
         return result
     finally:
+        _clean_cache(request, info, caps)
         HEAVY.release()
 
 
 class JobRunner:
     """A job on a daemon thread; `events()` yields ("log", line) then ("result", JobResult)."""
 
-    def __init__(self, request: JobRequest, keep_for_chat: Callable[[Path], str | None] | None = None) -> None:
+    def __init__(self, request: JobRequest, keep_for_chat: Callable[[Path, str], str | None] | None = None) -> None:
         self.request = request
         self.keep_for_chat = keep_for_chat
         self.cancel_event = threading.Event()

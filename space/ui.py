@@ -11,7 +11,7 @@ import os
 
 import gradio as gr
 
-from space import auth, handlers
+from space import auth, handlers, limits
 
 HEAVY_ID = "hardware"  # shared concurrency id: one job or chat generation at a time
 QUEUE_SETTINGS = {"max_size": int(os.environ.get("ABLITERATOR_QUEUE_SIZE") or 16), "default_concurrency_limit": 1}
@@ -61,7 +61,9 @@ def _abliterate_tab(c: dict) -> None:
             c["mlp_strength"] = gr.Slider(0, 2, value=1.0, step=0.05, label="MLP strength")
             c["mlp_peak"] = gr.Slider(0, 1, value=0.5, step=0.05, label="MLP peak (depth)")
             c["mlp_width"] = gr.Slider(0.05, 5, value=2.0, step=0.05, label="MLP width")
-    c["trials"] = gr.Slider(1, 200, value=20, step=1, label="Trial budget (automatic search)", visible=False)
+    max_trials = limits.Limits.from_env().max_trials
+    c["trials"] = gr.Slider(1, max_trials, value=min(20, max_trials), step=1, label="Trial budget (automatic search)",
+                            visible=False)
     c["mode"].change(
         lambda m: (gr.update(visible=m == "manual"), gr.update(visible=m == "search"),
                    gr.update(visible=m == "preset"), gr.update(visible=m != "search")),
@@ -94,9 +96,11 @@ def _settings(c: dict) -> None:
     for tab, name in ((ablit, "abliterate"), *zip(c.pop("_tabs"), ("dpo", "steer"), strict=True)):
         tab.select(lambda n=name: n, None, c["method"], api_visibility="private", queue=False)
     with gr.Accordion("Advanced", open=False):
-        c["max_new_tokens"] = gr.Number(value=64, precision=0, minimum=1, maximum=1024,
+        c["max_new_tokens"] = gr.Number(value=64, precision=0, minimum=1,
+                                        maximum=limits.Limits.from_env().max_new_tokens,
                                         label="New tokens per evaluation prompt")
-        c["extra_options"] = gr.Textbox(value="", label="Extra settings (JSON object of any stage setting)",
+        c["extra_options"] = gr.Textbox(value="", label="Extra settings (JSON object of stage settings; the allowed "
+                                        "keys are listed in docs/SECURITY.md)",
                                         placeholder='{"select_prompts": 8, "batch_size": 16}')
 
 

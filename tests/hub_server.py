@@ -15,7 +15,8 @@ What it models:
 * uploads: ``preupload`` (``lfs`` for files over 10 MB, binary suffixes or samples with a
   NUL byte, else ``regular``), the Git LFS batch protocol with single-part PUT and verify
   (tests run with ``HF_HUB_DISABLE_XET=1``), and the ndjson ``commit`` endpoint;
-* reads: repo info, tree, paths-info, refs, and ``resolve`` downloads with the ETag,
+* reads: repo info (with ``safetensors`` parameter counts read from the weight files' headers
+  and, with ``?blobs=true``, file sizes), tree, paths-info, refs, and ``resolve`` downloads with the ETag,
   ``X-Repo-Commit`` and ``X-Linked-*`` headers and single ``Range`` requests;
 * test hooks: ``requests_log`` (method, path without query) and ``fail_next`` for fault
   injection (answered before the request is routed, after its body is read).
@@ -397,6 +398,9 @@ class HubServer:
         }
         if repo_type == "model":
             info["modelId"] = repo_id
+            counts = _safetensors_parameters(commit.files)
+            if counts:  # like the Hub: parameter counts per dtype, read from the safetensors headers
+                info["safetensors"] = {"parameters": counts, "total": sum(counts.values())}
         readme = commit.files.get("README.md")
         try:
             card = _front_matter(readme.data.decode(errors="replace")) if readme else None
@@ -603,6 +607,27 @@ class HubServer:
             data, status = data[start:end + 1], 206
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
         return Response(status, data, headers)
+
+
+def _safetensors_parameters(files: dict[str, Blob]) -> dict[str, int]:
+    """Parameters per dtype over every ``*.safetensors`` file, from their JSON headers."""
+    counts: dict[str, int] = {}
+    for path, blob in files.items():
+        if not path.endswith(".safetensors") or len(blob.data) < 8:
+            continue
+        size = int.from_bytes(blob.data[:8], "little")
+        try:
+            header = json.loads(blob.data[8:8 + size])
+        except ValueError:
+            continue
+        for name, tensor in header.items():
+            if name == "__metadata__" or not isinstance(tensor, dict):
+                continue
+            numel = 1
+            for dim in tensor.get("shape", []):
+                numel *= int(dim)
+            counts[tensor.get("dtype", "F32")] = counts.get(tensor.get("dtype", "F32"), 0) + numel
+    return counts
 
 
 def _front_matter(content: str) -> dict[str, Any] | None:

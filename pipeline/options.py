@@ -1,0 +1,63 @@
+"""The option keys a job accepts (YAML jobs, `run` flags, the Space's settings), so a typo is an error.
+
+`pipeline.cli_config.build_config` builds each stage config from the one options dict and
+keeps only that config's own fields; without this check a misspelt key (`trails: 5`) would be
+dropped silently and the job would run with the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+from typing import Any
+
+# Options that `pipeline.run` reads itself rather than through a stage config.
+RUN_KEYS = ("layer", "streaming", "data", "positive", "negative", "k", "vector")
+
+
+def _fields(cls: Any, prefix: str = "") -> list[str]:
+    from pipeline.cli_config import _is_model, _unwrap_optional
+
+    names = []
+    for name, field in cls.model_fields.items():
+        if field.exclude:  # internal fields are not settings
+            continue
+        inner = _unwrap_optional(field.annotation)
+        names += _fields(inner, f"{prefix}{name}_") if _is_model(inner) else [f"{prefix}{name}"]
+    return names
+
+
+@cache
+def valid_option_keys() -> tuple[str, ...]:
+    """Every key an options dict may hold (underscore spelling; dashes are accepted too)."""
+    import importlib
+
+    from pipeline.cli import STAGE_CONFIGS
+
+    keys = set(RUN_KEYS)
+    for module, name in STAGE_CONFIGS:
+        try:
+            keys.update(_fields(getattr(importlib.import_module(module), name)))
+        except ImportError:  # an optional stage (tuning) not installed: its keys are not valid here
+            continue
+    return tuple(sorted(keys))
+
+
+def normal_key(key: Any) -> str:
+    return str(key).strip().replace("-", "_")
+
+
+def unknown_key_message(key: str, valid: tuple[str, ...] | list[str], what: str = "option") -> str:
+    """One line: the unknown key, the closest valid one, and every valid key."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown {what} {key!r}{hint}; valid {what}s: {', '.join(valid)}"
+
+
+def check_option_keys(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` unchanged, or ValueError naming the first unknown key and the valid ones."""
+    valid = valid_option_keys()
+    for key in options:
+        if normal_key(key) not in valid:
+            raise ValueError(unknown_key_message(str(key), valid))
+    return options
