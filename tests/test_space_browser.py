@@ -91,7 +91,7 @@ def test_one_click_flow_in_a_real_browser(page, space_url, hub):
 
     page.get_by_text("Advanced").click()
     page.get_by_label("New tokens per evaluation prompt").fill("8")
-    page.get_by_label("Extra settings (JSON object of any stage setting)").fill(json.dumps(FAST_OPTIONS))
+    page.get_by_label("Extra settings (JSON object of stage settings", exact=False).fill(json.dumps(FAST_OPTIONS))
     page.get_by_role("button", name="Abliterate and publish").click()
 
     link = page.locator("#repo-link a")
