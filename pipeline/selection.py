@@ -7,12 +7,12 @@ answered by a threshold tuned on one model:
   "harmful" prompt it answers anyway carries no refusal, and a "harmless" one it refuses carries
   some. A short greedy reply of each measurement prompt decides (as the refusal-direction paper's
   code filters its sets).
-- *Which layer's direction?* Every layer across the middle of the depth is a candidate. Each is
-  ablated from the residual stream (hooks, no weight change) and scored cheaply in one forward
-  pass: the mean log-probability the ablated model still gives to the base model's *own* refusal
-  tokens on held-out harmful prompts, and the first-token KL on harmless ones. The few best then
-  generate, and the one that removes the most refusals (in steps of 5 points, so noise does not
-  win) with the least KL is chosen.
+- *Which layer's direction?* Every layer across the middle of the depth is a candidate. Each
+  candidate's edit is applied to the loaded weights and reverted (`WeightEdits`) and scored cheaply in
+  one forward pass: the log-probability the edited model still gives to the base model's *own*
+  refusal prefix on held-out harmful prompts, and the first-token KL on harmless ones. The few best
+  then generate, and the one that removes the most refusals (in steps of 5 points, so noise does not
+  win) with the least KL is chosen (`pipeline.directions.choose_layer`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ Deselect the tier for a quick local run with `pytest -m "not real"`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -163,5 +162,9 @@ def test_default_abliteration_of_a_real_chat_model(tmp_path):
     assert 0 < flt["harmful"]["kept"] <= flt["harmful"]["of"]
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert summary["changed_tensors"] > 0
-    card_source = Path(out / "recipe.json").read_text()
-    assert path.name in card_source
+    # The card names the GGUF source and reports each set.
+    from pipeline.card import render_card
+
+    text = render_card(out, None)
+    assert path.name in text and "Q4_K_M" in text
+    assert "Refusal rate: censored" in text and "Refusal rate: harmful" in text
