@@ -1,10 +1,15 @@
 """Automatic search over edit parameters: Optuna multi-objective TPE on (refusal rate, KL divergence).
 
 Load and measure once; each trial samples an edit (layer fraction or per-layer directions, method, a kernel
-per component), applies it in place, evaluates it on the evaluation prompts against one base reference and
-restores the residual writers from a copy taken once: a trial costs one evaluation, never a load. The study
-lives in a journal file (re-running continues it). The chosen trial (lowest KL with refusal <= target × base
-rate, else lowest refusal) is saved like a plain abliteration, with the Pareto front (table, chart, JSON).
+per component), applies it in place, evaluates it against one base reference and restores the residual
+writers from a copy taken once: a trial costs one evaluation, never a load. The study lives in a journal
+file (re-running continues it).
+
+The evaluation prompts are split three ways, so the numbers reported are not the ones the choice was made on:
+trials are scored on the *trial* part; the best few Pareto trials and the plain edit (trial 0) are re-scored
+on the *confirm* part too (twice the prompts, so noise on a handful cannot pick the winner); the chosen one
+(lowest KL with refusal <= target × base rate and never above the plain edit's, else lowest refusal) is
+saved like a plain abliteration and evaluated, beside the plain edit, on the *test* part that no trial saw.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +45,8 @@ log = logging.getLogger(__name__)
 STUDY_NAME = "abliterate"
 SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
 METHODS = ("standard", "projected", "norm-preserving")
-LAYER_RANGE = (0.1, 0.9)  # direction layer, as a fraction of depth
+LAYER_RANGE = (0.3, 0.9)  # direction layer, as a fraction of depth (interpolated between layers)
+PARTS = ("trial", "confirm", "test")
 KERNEL_SPACE = {  # kind -> ComponentKernel field -> (low, high, log scale)
     "gaussian": {"strength": (0.3, 1.5, False), "peak": (0.0, 1.0, False), "width": (0.1, 2.0, True)},
     "tent": {"max_weight": (0.3, 1.5, False), "position": (0.0, 1.0, False), "min_weight": (0.0, 1.0, False),
@@ -68,6 +74,12 @@ class SearchConfig(BaseModel):
         False, description="Also try each layer's own direction (per-layer) instead of one direction.")
     start_from_default: bool = Field(
         True, description="Make the first trial of a new study the plain edit (--method, --preset, layer best).")
+    test_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Share of the evaluation prompts held out as the final test: no trial sees "
+        "them; eval_results.json and the card report them.")
+    finalists: int = Field(
+        4, ge=1, description="Best Pareto trials re-scored on the confirm part before choosing (the plain edit "
+        "is always re-scored too).")
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,7 @@ def to_edit(params: dict[str, Any], base: EditConfig) -> tuple[EditConfig, str]:
     kernels = {c: ComponentKernel(**{k[len(c) + 1:]: v for k, v in params.items() if k.startswith(c + ".")})
                for c in ("attn", "mlp")}
     edit = EditConfig(method=params.get("method", base.method), preset=None, **kernels,
-                      embed_strength=base.embed_strength, per_layer=per_layer)
+                      embed_strength=base.embed_strength, per_layer=per_layer, per_set=base.per_set)
     return edit, "per-layer" if per_layer else f"{params['layer']:.2f}"
 
 
@@ -129,19 +141,56 @@ def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[s
     return params
 
 
-class Workbench:
-    """The loaded model with one base reference; edits are applied in place and reverted exactly."""
+def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of ``n`` prompts: every 1/fraction-th is held out, so each of several
+    concatenated prompt sets gives its share to both sides."""
+    held = [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
+    return [i for i in range(n) if i not in set(held)], held
 
-    def __init__(self, loaded: Loaded, d: dirs.Directions, harmful: tuple[str, ...], harmless: tuple[str, ...],
-                 eval_cfg: EvalConfig, ref: Any, embed: bool = False) -> None:
-        self.model, self.tokenizer, self.d, self.ref = loaded.model, loaded.tokenizer, d, ref
-        self.harmful, self.harmless, self.eval_cfg = harmful, harmless, eval_cfg
+
+@dataclass(frozen=True)
+class Part:  # one share of the evaluation prompts, with the base model's side measured once
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    groups: tuple[str, ...]  # the prompt set of each harmful prompt, for refusal rates per set
+    ref: Any  # BaseReference
+
+
+def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequence[str],
+                test_fraction: float) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    """trial / confirm / test prompts: the test part holds ``test_fraction``, the rest is halved."""
+    def take(items: Sequence[str], idx: list[int]) -> tuple[str, ...]:
+        return tuple(items[i] for i in idx)
+
+    hf_rest, hf_test = held_out(len(harmful), test_fraction)
+    hl_rest, hl_test = held_out(len(harmless), test_fraction)
+    hf_trial, hf_confirm = (take(hf_rest, x) for x in held_out(len(hf_rest), 0.5))
+    hl_trial, hl_confirm = (take(hl_rest, x) for x in held_out(len(hl_rest), 0.5))
+    parts = {"trial": (take(harmful, hf_trial), take(harmless, hl_trial), take(groups, hf_trial)),
+             "confirm": (take(harmful, hf_confirm), take(harmless, hl_confirm), take(groups, hf_confirm)),
+             "test": (take(harmful, hf_test), take(harmless, hl_test), take(groups, hf_test))}
+    if any(not p[0] or not p[1] for p in parts.values()):
+        raise UserError(f"the search splits the evaluation prompts into trial, confirm and test parts, and "
+                        f"{len(harmful)} harmful / {len(harmless)} harmless are too few: give more prompts "
+                        "(--max-eval, --eval-fraction) or change --test-fraction")
+    return parts
+
+
+class Workbench:
+    """The loaded model with the base side of each prompt part; edits are applied in place and reverted exactly."""
+
+    def __init__(self, loaded: Loaded, d: dirs.Directions, parts: dict[str, Part], eval_cfg: EvalConfig,
+                 embed: bool = False) -> None:
+        self.model, self.tokenizer, self.d, self.parts = loaded.model, loaded.tokenizer, d, parts
+        self.loaded = loaded
+        self.eval_cfg = eval_cfg
         self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
         self.markers = markers_for(eval_cfg)
-        require_base_refusals(ref, self.markers)
-        if not harmless:
-            raise UserError("the search needs harmless evaluation prompts to measure the KL divergence")
-        self.base_rate = sum(classify(r, self.markers) is not None for r in ref.responses) / len(ref.responses)
+        require_base_refusals(parts["trial"].ref, self.markers)
+        refused = {k: sum(classify(r, self.markers) is not None for r in p.ref.responses) for k, p in parts.items()}
+        self.base_rates = {k: refused[k] / len(p.harmful) for k, p in parts.items()}
+        seen = ("trial", "confirm")
+        self.base_rate = sum(refused[k] for k in seen) / sum(len(parts[k].harmful) for k in seen)
         config = self.model.config
         self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
         params = dict(self.model.named_parameters())
@@ -160,14 +209,19 @@ class Workbench:
                 for name, p in self.params.items():
                     p.data.copy_(self.saved[name])
 
-    def run(self, edit: EditConfig, spec: str) -> tuple[dict, dict]:
-        """Evaluate one edit (in place, reverted afterwards): (eval results, layer info)."""
+    def evaluate(self, part: str, **kwargs: Any) -> dict:
+        p = self.parts[part]
+        cfg = self.eval_cfg if part == "test" else self.trial_cfg
+        return evaluate(self.model, self.tokenizer, p.harmful, p.harmless, cfg, base=p.ref, markers=self.markers,
+                        groups=p.groups, **kwargs)
+
+    def run(self, edit: EditConfig, spec: str, part: str = "trial") -> tuple[dict, dict]:
+        """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info)."""
         direction, layer = stages.chosen_direction(self.d, spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
             began = time.monotonic()
-            results = evaluate(self.model, self.tokenizer, self.harmful, self.harmless, self.trial_cfg,
-                               base=self.ref, markers=self.markers)
+            results = self.evaluate(part)
             self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
         return results, layer
 
@@ -277,8 +331,10 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         elapsed, left = time.monotonic() - start, cfg.trials - i - 1
         eta = _fmt_time(elapsed / (i + 1) * left)
         if progress:
+            best = rank(done, bench.base_rates["trial"] * cfg.target)[0]
             progress(f"trial {trial.number} [{i + 1}/{cfg.trials}]: refusal {refusal:.1%}, KL {kl:.4f} "
-                     f"({describe(params)}) | {_fmt_time(elapsed)} elapsed, ~{eta} left")
+                     f"({describe(params)}) | best so far: trial {best.number}, refusal {best.refusal:.1%}, "
+                     f"KL {best.kl:.4f} | {_fmt_time(elapsed)} elapsed, ~{eta} left")
     return done
 
 
@@ -287,6 +343,34 @@ def completed(study: Any) -> list[Scored]:
 
     return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("result", {}).get("layer", {}))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def default_trial(study: Any, trials: list[Scored]) -> Scored | None:
+    """The plain edit of the study (enqueued as its first trial), when it completed."""
+    marked = {t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("default")}
+    return next((t for t in trials if t.number in marked), None)
+
+
+def rank(trials: list[Scored], limit: float) -> list[Scored]:
+    """Best first: trials at or below the refusal limit by KL, then the others by refusal (ties by KL)."""
+    return sorted(trials, key=lambda t: (t.refusal > limit + 1e-9, t.kl if t.refusal <= limit + 1e-9 else t.refusal,
+                                         t.kl, t.number))
+
+
+def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Progress) -> list[Scored]:
+    """Re-score each finalist on the trial and confirm parts together (the prompt-weighted mean)."""
+    trial, more = bench.parts["trial"], bench.parts["confirm"]
+    n1, n2 = len(trial.harmful), len(more.harmful)
+    m1, m2 = len(trial.harmless), len(more.harmless)
+    out = []
+    for t in finalists:
+        results, _ = bench.run(*to_edit(t.params, base), part="confirm")
+        refusal = (t.refusal * n1 + results["refusal_rate"]["model"] * n2) / (n1 + n2)
+        kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
+        out.append(Scored(t.number, refusal, kl, t.params, t.layer))
+        say(f"confirming trial {t.number} on {n1 + n2} prompts: refusal {t.refusal:.1%} -> {refusal:.1%}, "
+            f"KL {t.kl:.4f} -> {kl:.4f}")
+    return out
 
 
 def pareto_front(trials: list[Scored]) -> list[Scored]:
@@ -298,13 +382,20 @@ def pareto_front(trials: list[Scored]) -> list[Scored]:
     return sorted((t for t in trials if not dominated(t)), key=lambda t: (t.refusal, t.kl, t.number))
 
 
-def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None) -> tuple[Scored, str]:
-    """The chosen trial and the rule that chose it, in words."""
+def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
+           default: Scored | None = None) -> tuple[Scored, str]:
+    """The chosen trial and the rule that chose it, in words. With the plain edit's score (``default``)
+    at or below the target, nothing that refuses more than it can be chosen: the search never loses to it."""
     if not trials:
         raise UserError("the study holds no completed trial to choose from: run more --trials")
     pool = [t for t in trials if max_kl is None or t.kl <= max_kl] or trials
     kl_note = f" and KL ≤ {max_kl:g}" if max_kl is not None and len(pool) < len(trials) else ""
     limit = target * base_rate
+    if default is not None and default.refusal <= limit + 1e-9:
+        ok = [t for t in pool if t.refusal <= default.refusal + 1e-9] or [default]
+        best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
+        return best, (f"lowest KL among {len(ok)} trials refusing no more than the plain edit "
+                      f"({default.refusal:.1%}, within the target {limit:.1%})" + kl_note)
     ok = [t for t in pool if t.refusal <= limit + 1e-9]
     if ok:
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
@@ -353,19 +444,19 @@ def plot_pareto(trials: list[Scored], front: list[Scored], chosen: Scored, limit
 class Outcome:
     trials: list[Scored]
     front: list[Scored]
-    chosen: Scored
+    finalists: list[Scored]  # re-scored on the trial and confirm parts
+    chosen: Scored  # as re-scored
     rule: str
     limit: float
 
     def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
         return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number, "rule": self.rule,
                 "target": cfg.target, "base_refusal_rate": base_rate, "refusal_limit": self.limit,
-                "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front]}
+                "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front],
+                "finalists": [asdict(t) for t in self.finalists]}
 
 
-def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: dirs.Directions | None,
-             say: Progress) -> tuple[Any, Workbench, stages.Prompts, Path]:
-    """Prompts, study (checked early), model, directions, base reference: everything the trials need."""
+def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
     if job.streaming:
         raise UserError("--auto edits the loaded model in memory: leave out --streaming")
     if not job.evaluate:
@@ -375,15 +466,23 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     if cfg.trials < 1:
         raise UserError(f"--trials must be at least 1, got {cfg.trials}")
     check_target(job.out, job.overwrite)
+
+
+def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: dirs.Directions | None,
+             say: Progress) -> tuple[Any, Workbench, stages.Prompts, Path]:
+    """Prompts, study (checked early), model, directions, base references: everything the trials need."""
+    _check_job(job, cfg)
     eval_cfg = job.eval or EvalConfig()
     prompts = stages.resolve_prompts(job.model, job.prompts)
+    split = split_parts(prompts.harmful.evaluate, prompts.harmless.evaluate, prompts.eval_groups(),
+                        cfg.test_fraction)
     path = Path(cfg.study or f"{Path(job.out)}.study.journal")
     space = {"method": "searched" if cfg.search_method else job.edit.method, "allow_mlp_off": cfg.allow_mlp_off,
              "per_layer": "searched" if cfg.search_per_layer else job.edit.per_layer,
-             "embed_strength": job.edit.embed_strength}
+             "embed_strength": job.edit.embed_strength, "per_set": job.edit.per_set}
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
                "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
-               "search space": space}
+               "search space": space, "test_fraction": cfg.test_fraction}
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -392,11 +491,15 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         d = dirs.load(job.directions_file)
     elif d is None:
         say("measuring refusal directions")
-        d = stages.measure_directions(loaded, prompts, job.measure)
-    say("evaluating the base model")
-    harmful, harmless = tuple(prompts.harmful.evaluate), tuple(prompts.harmless.evaluate)
-    ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, eval_cfg, model_id=job.model)
-    bench = Workbench(loaded, d, harmful, harmless, eval_cfg, ref, embed=job.edit.embed_strength > 0)
+        d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
+    sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
+    say(f"evaluating the base model (harmful prompts per part: {sizes})")
+    parts = {}
+    for name, (harmful, harmless, groups) in split.items():
+        cfg_part = eval_cfg if name == "test" else eval_cfg.model_copy(update={"perplexity": False})
+        ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, cfg_part, model_id=job.model)
+        parts[name] = Part(harmful, harmless, groups, ref)
+    bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0)
     return study, bench, prompts, path
 
 
@@ -408,37 +511,52 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
         if cfg.start_from_default and not study.trials:
-            study.enqueue_trial(from_edit(job.edit, bench.d, cfg))
+            study.enqueue_trial(from_edit(job.edit, bench.d, cfg), user_attrs={"default": True})
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
-            f"base refusal rate {bench.base_rate:.1%}")
+            f"base refusal rate {bench.base_rates['trial']:.1%} on the trial part")
         run_trials(study, bench, cfg, job.edit, say)
         trials = completed(study)
-        chosen, rule = choose(trials, bench.base_rate, cfg.target, cfg.search_max_kl)
-        result = Outcome(trials, pareto_front(trials), chosen, rule, cfg.target * bench.base_rate)
+        front, default = pareto_front(trials), default_trial(study, trials)
+        picks = rank(front, cfg.target * bench.base_rates["trial"])[:cfg.finalists]
+        picks += [default] if default is not None and default not in picks else []
+        finalists = confirm(bench, picks, job.edit, say)
+        default = next((t for t in finalists if default is not None and t.number == default.number), None)
+        chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default)
+        result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
-    return _save(job, cfg, bench, prompts, result, path, say)
+    return _save(job, cfg, bench, prompts, result, path, default, say)
+
+
+def _on_test(results: dict) -> dict[str, Any]:
+    return {"refusal": results["refusal_rate"]["model"], "kl": results["kl_divergence"],
+            "by_set": {k: v["model"] for k, v in (results.get("by_set") or {}).items()}}
 
 
 def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
-          path: Path, say: Progress) -> dict[str, Any]:
+          path: Path, default: Scored | None, say: Progress) -> dict[str, Any]:
     edit, spec = to_edit(result.chosen.params, job.edit)
     direction, layer = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
-    summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": str(path)}
-    sources = {k: {"source": getattr(prompts, k).source, "split": "eval"} for k in ("harmful", "harmless")}
+    summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": str(path),
+               "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()}}
+    if default is not None and default.number != result.chosen.number:
+        say("evaluating the plain edit on the test prompts, for comparison")
+        summary["plain_edit_on_test"] = _on_test(bench.run(*to_edit(default.params, job.edit), part="test")[0])
+    sources = {k: {"source": getattr(prompts, k).source, "split": "eval (search test part)"}
+               for k in ("harmful", "harmless")}
     with staged_folder(job.out, job.overwrite) as tmp, bench.restoring():
         say("saving the chosen edit")
-        changed = stages.edit_and_save_in_memory(Loaded(bench.model, bench.tokenizer, job.model, None), direction,
-                                                 edit, tmp)
+        changed = stages.edit_and_save_in_memory(bench.loaded, direction, edit, tmp)
         dirs.save(bench.d, tmp)
         stages.plot_strengths(plan, tmp / "strengths.png")
-        rec = stages.recipe(job.model, job.load, edit, layer, prompts, plan) | {"search": summary}
-        rec = write_recipe(tmp, rec)
-        say("evaluating the chosen edit")
-        results = evaluate(bench.model, bench.tokenizer, bench.harmful, bench.harmless, bench.eval_cfg,
-                           base=bench.ref, model_id=str(job.out), base_id=job.model, prompt_sources=sources,
-                           markers=bench.markers)
+        say("evaluating the chosen edit on the test prompts")
+        results = bench.evaluate("test", model_id=str(job.out), base_id=job.model, prompt_sources=sources)
+        summary["chosen_on_test"] = _on_test(results)
+        if default is not None and default.number == result.chosen.number:
+            summary["plain_edit_on_test"] = summary["chosen_on_test"]
+        rec = stages.recipe(job.model, job.load, edit, layer, prompts, plan, bench.d, bench.loaded.source)
+        rec = write_recipe(tmp, rec | {"search": summary})
         write_json(tmp / EVAL_FILE, results)
         report = {**summary, "config": cfg.model_dump(mode="json"), "trials_all": [asdict(t) for t in result.trials],
                   "table": front_table(result.front, result.chosen.number)}

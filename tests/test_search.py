@@ -56,18 +56,43 @@ def searched(tmp_path_factory, demo_loaded, demo_d):
 
 
 def test_small_budget_reaches_target_on_held_out_prompts(searched):
-    first = searched["second"]  # the study after all TRIALS trials
+    second = searched["second"]  # the study after all TRIALS trials
     results = json.loads((searched["root"] / "second" / "eval_results.json").read_text())
-    assert results["num_prompts"]["harmful"] == 80  # the held-out evaluation part of demo-harmful
-    assert results["prompt_sources"]["harmful"]["split"] == "eval"
+    assert results["num_prompts"]["harmful"] == 40  # the test half of demo-harmful's 80 evaluation prompts
+    assert results["prompt_sources"]["harmful"]["split"] == "eval (search test part)"
     assert results["refusal_rate"]["base"] >= 0.9
     assert results["refusal_rate"]["model"] <= 0.1
     assert results["kl_divergence"] <= 0.1
     assert results["perplexity"]["model"] is not None
-    # The saved model's evaluation is the chosen trial's score (same edit, greedy, same prompts).
-    chosen = next(t for t in first["search"]["pareto_front"] if t["number"] == first["search"]["chosen_trial"])
-    assert results["refusal_rate"]["model"] == pytest.approx(chosen["refusal"])
-    assert results["kl_divergence"] == pytest.approx(chosen["kl"], rel=1e-6, abs=1e-9)
+    summary = second["search"]
+    assert summary["prompts"] == {"trial": {"harmful": 20, "harmless": 20}, "confirm": {"harmful": 20, "harmless": 20},
+                                  "test": {"harmful": 40, "harmless": 40}}
+    # The plain edit (trial 0) was re-scored with the best Pareto trials, and compared on the test part.
+    finalists = {t["number"]: t for t in summary["finalists"]}
+    assert 0 in finalists and summary["chosen_trial"] in finalists
+    assert 1 < len(finalists) <= SearchConfig().finalists + 1
+    plain, chosen = summary["plain_edit_on_test"], summary["chosen_on_test"]
+    assert chosen["refusal"] == results["refusal_rate"]["model"]
+    # On the prompts it chose on, the choice never refuses more than the plain edit, and its KL is no higher.
+    assert finalists[summary["chosen_trial"]]["refusal"] <= finalists[0]["refusal"] + 1e-9
+    assert finalists[summary["chosen_trial"]]["kl"] <= finalists[0]["kl"] + 1e-12
+    assert 0 <= plain["refusal"] <= 1 and plain["kl"] > 0
+
+
+def test_parts_are_disjoint_and_every_set_is_in_each(demo_prompts):
+    harmful, harmless = demo_prompts.harmful.evaluate, demo_prompts.harmless.evaluate
+    groups = ["a"] * 40 + ["b"] * 40
+    parts = se.split_parts(harmful, harmless, groups, 0.5)
+    seen = [set(parts[k][0]) for k in se.PARTS]
+    assert sum(len(x) for x in seen) == len(harmful) and set().union(*seen) == set(harmful)
+    assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    for name, (hf, hl, gr) in parts.items():
+        assert len(hl) == len(hf), name
+        assert sorted(set(gr)) == ["a", "b"] and abs(gr.count("a") - gr.count("b")) <= 1, name
+        assert [groups[harmful.index(p)] for p in hf] == list(gr)  # each prompt keeps its set's name
+    assert len(parts["test"][0]) == 40 and len(se.split_parts(harmful, harmless, groups, 0.25)["test"][0]) == 20
+    with pytest.raises(UserError, match="too few"):
+        se.split_parts(harmful[:2], harmless[:2], groups[:2], 0.5)
 
 
 def test_weights_are_restored_exactly_after_the_search(searched, demo_loaded):
@@ -103,6 +128,8 @@ def test_progress_has_one_line_per_trial_with_scores_and_eta(searched):
     lines = [line for line in searched["lines"] if line.startswith("trial ")]
     assert len(lines) == TRIALS
     assert all("refusal" in line and "KL" in line and "elapsed" in line and "left" in line for line in lines)
+    assert all("best so far: trial " in line for line in lines)
+    assert any(line.startswith("confirming trial 0 on 40 prompts") for line in searched["lines"])
     assert any(line.startswith("Pareto front:") for line in searched["lines"])
 
 
@@ -126,7 +153,8 @@ def test_workbench_restores_weights_even_when_evaluation_fails(demo_loaded, demo
     cfg = EvalConfig(max_new_tokens=12, perplexity=False)
     ref = reference(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg)
     before = _snapshot(demo_loaded.model)
-    bench = se.Workbench(demo_loaded, demo_d, harmful, harmless, cfg, ref)
+    part = se.Part(tuple(harmful), tuple(harmless), ("demo-harmful",) * 4, ref)
+    bench = se.Workbench(demo_loaded, demo_d, dict.fromkeys(se.PARTS, part), cfg)
     edits = [
         (EditConfig(method="norm-preserving", mlp={"kind": "off"}), "0.55"),
         (EditConfig(method="projected", per_layer=True, preset="aggressive"), "per-layer"),
@@ -174,6 +202,14 @@ def test_choice_rule_and_pareto_front():
     assert best.number == 1  # ties on refusal go to the lower KL
     best, rule = choose(trials, base_rate=1.0, target=0.1, max_kl=0.005)
     assert best.number == 3 and "KL ≤ 0.005" in rule
+    # With the plain edit within the target, nothing refusing more than it is chosen, however low its KL.
+    best, rule = choose(trials, base_rate=1.0, target=0.1, default=trials[1])
+    assert best.number == 1 and "plain edit" in rule
+    best, _ = choose(trials, base_rate=1.0, target=0.1, default=trials[0])
+    assert best.number == 0  # trial 2's lower KL comes with more refusals than the plain edit
+    best, _ = choose(trials, base_rate=1.0, target=0.1, default=_s(9, 0.5, 0.2))
+    assert best.number == 2  # a plain edit outside the target does not hold the others back
+    assert [t.number for t in se.rank(trials, 0.1)] == [2, 0, 1, 3, 4]
     with pytest.raises(UserError, match="none of the 2 trials lowered"):
         choose([_s(0, 1.0, 0.0), _s(1, 1.0, 0.1)], base_rate=1.0, target=0.1)
 
