@@ -1,113 +1,63 @@
-"""Automatic search on the demo model: cost of one trial, and time to reach the refusal/KL target.
+"""Automatic search: does it beat the plain edit on prompts it never saw, at what cost per trial, and is its
+space better than a simpler one?
 
-(a) One search trial (Optuna ask -> edit in place -> evaluate -> restore -> tell into the journal)
-    against one evaluation of the same edit on the same prompts with the same settings (goal: trial
-    <= 1.1x evaluation). The headline pairs each trial with the evaluation inside it (same time window,
-    so a shared machine slows both alike); a separate evaluation after each trial checks that it is the
-    same work (same scores, similar time). For scale: what reloading the model would cost.
-(b) Wall time of `search()` until the first trial with refusal <= 10% and KL <= 0.1 on the held-out
-    evaluation prompts, counted from the call (load, directions, base reference included), for a
-    study that starts from the plain edit (the default) and for one that starts from random trials.
+(a) `search()` with TRIALS trials on MODEL (demo, or a real model of tests/real_models.py): the chosen edit
+    and the plain default edit (trial 0), both evaluated on the test part of the evaluation prompts that no
+    trial saw. Goal: lower KL than the plain edit at equal or lower refusal.
+(b) Cost of a trial: within every trial of (a), seconds of the whole trial (Optuna ask, suggest, edit in
+    place, evaluate, restore, tell into the journal) over seconds of the evaluation inside it (same time
+    window, so a shared machine slows both alike). Goal: <= 1.1x.
+(c) With --compare: the same number of trials over a simpler space in the manner of Heretic's (one direction
+    interpolated over 0.4-0.9 of the depth, a tent kernel per component, standard method, random start-up),
+    and the area each Pareto front dominates (hypervolume of refusal x KL on the trial part, up to the base's
+    refusal rate and the largest KL either study saw): larger is better.
 
-    .venv/bin/python bench/bench_search.py [--rounds 5] [--trials 12] [--max-new-tokens 64] [--directions DIR]
+    .venv/bin/python bench/bench_search.py [--model demo|qwen] [--trials 40] [--compare] [--directions DIR]
 
-Prints the numbers and a SUMMARY line; writes bench/results/bench_search.json.
+Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_search.json"
-TARGET_REFUSAL, TARGET_KL = 0.10, 0.10
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def trial_cost(loaded, d, prompts, eval_cfg, rounds: int, work: Path) -> dict:
-    """Seconds of one search trial, of the evaluation inside it, and of a separate evaluation of the same edit."""
-    from pipeline import search as se
-    from pipeline.abliterate import EditConfig, apply_in_memory
-    from pipeline.evaluate import evaluate, reference
-    from pipeline.loading import load_model
-
-    harmful, harmless = tuple(prompts.harmful.evaluate), tuple(prompts.harmless.evaluate)
-    ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, eval_cfg, model_id="demo")
-    bench = se.Workbench(loaded, d, harmful, harmless, eval_cfg, ref)
-    cfg = se.SearchConfig(trials=1)
-    params = se.from_edit(EditConfig(), d, cfg)
-    edit, spec = se.to_edit(params, EditConfig())
-    direction, _ = se.stages.chosen_direction(d, spec, edit)
-    trial_s, inner_s, eval_s, scores = [], [], [], set()
-    with se.quiet_optuna():
-        study = se.open_study(work / "cost.study.journal", cfg)
-        for _ in range(rounds):
-            study.enqueue_trial(params)  # the same edit every round
-            start = time.perf_counter()
-            (done,) = se.run_trials(study, bench, cfg, EditConfig(), progress=None)
-            trial_s.append(time.perf_counter() - start)
-            inner_s.append(bench.eval_seconds)  # the evaluation inside that trial: same time window
-            with bench.restoring():
-                apply_in_memory(loaded.model, direction, edit, bench.num_layers, bench.model_type)
-                start = time.perf_counter()
-                res = evaluate(loaded.model, loaded.tokenizer, harmful, harmless, bench.trial_cfg, base=ref,
-                               markers=bench.markers)
-                eval_s.append(time.perf_counter() - start)
-            scores.add((done.refusal, round(done.kl, 9), res["refusal_rate"]["model"], round(res["kl_divergence"], 9)))
-    start = time.perf_counter()
-    for _ in range(5):
-        with bench.restoring():
-            apply_in_memory(loaded.model, direction, edit, bench.num_layers, bench.model_type)
-    edit_restore = (time.perf_counter() - start) / 5
-    start = time.perf_counter()
-    load_model("demo")
-    reload_s = time.perf_counter() - start
-    paired = statistics.median(t / i for t, i in zip(trial_s, inner_s, strict=True))
-    return {"trial_s": trial_s, "eval_inside_trial_s": inner_s, "eval_s": eval_s, "ratio": paired,
-            "ratio_vs_separate_eval_median": statistics.median(trial_s) / statistics.median(eval_s),
-            "ratio_vs_separate_eval_best": min(trial_s) / min(eval_s), "trial_median_s": statistics.median(trial_s),
-            "eval_median_s": statistics.median(eval_s), "edit_and_restore_s": edit_restore, "reload_s": reload_s,
-            "same_scores": len(scores) == 1, "scores": sorted(scores)[0]}
+def simple_space(trial: Any, cfg: Any, base: Any) -> dict[str, Any]:
+    """The comparison space: one interpolated direction over 0.4-0.9 of the depth, a tent kernel per
+    component (peak weight, its position, the floor as a share of the peak, the reach)."""
+    trial.suggest_float("layer", 0.4, 0.9)
+    for comp in ("attn", "mlp"):
+        trial.suggest_categorical(f"{comp}.kind", ["tent"])
+        trial.suggest_float(f"{comp}.max_weight", 0.8, 1.5)
+        trial.suggest_float(f"{comp}.position", 0.4, 1.0)
+        trial.suggest_float(f"{comp}.min_weight", 0.0, 1.0)
+        trial.suggest_float(f"{comp}.distance", 0.1, 0.6)
+    return dict(trial.params)
 
 
-def time_to_target(directions: Path | None, eval_cfg, trials: int, from_default: bool, seed: int, work: Path) -> dict:
-    """Run `search()` from scratch; seconds from the call to the first trial that meets the target."""
-    from pipeline.run import AbliterateJob
-    from pipeline.search import SearchConfig, search
-
-    name = "default-start" if from_default else f"random-start-seed{seed}"
-    start, hits, lines = time.perf_counter(), [], []
-
-    def progress(line: str) -> None:
-        now = time.perf_counter() - start
-        lines.append(f"[{now:6.1f}s] {line}")
-        found = re.match(r"trial (\d+) \[(\d+)/\d+\]: refusal ([\d.]+)%, KL ([\d.]+)", line)
-        if found and float(found[3]) / 100 <= TARGET_REFUSAL and float(found[4]) <= TARGET_KL:
-            hits.append((now, int(found[1]), int(found[2])))
-        print(lines[-1].splitlines()[0][:150], flush=True)
-
-    job = AbliterateJob(model="demo", out=work / name, directions_file=directions, eval=eval_cfg)
-    summary = search(job, SearchConfig(trials=trials, study=work / f"{name}.journal", search_seed=seed,
-                                       start_from_default=from_default), progress)
-    total = time.perf_counter() - start
-    inner = _trial_overhead(work / f"{name}.journal")
-    setup = next(float(re.match(r"\[\s*([\d.]+)s\]", x)[1]) for x in lines if "] search: " in x)
-    result = summary["eval"]
-    return {"start": name, "trials": trials, "seconds_to_target": hits[0][0] if hits else None,
-            "trials_to_target": hits[0][2] if hits else None, "setup_s": setup, "total_s": total,
-            "chosen_refusal": result["refusal_rate"]["model"], "chosen_kl": result["kl_divergence"],
-            "chosen_trial": summary["search"]["chosen_trial"], **inner}
+def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
+    """Area dominated by ``points`` (both objectives minimised) inside the box up to ``ref``."""
+    area, best_kl = 0.0, ref[1]
+    inside = sorted((r, k) for r, k in points if r < ref[0] and k < ref[1])
+    for i, (r, k) in enumerate(inside):
+        best_kl = min(best_kl, k)
+        right = inside[i + 1][0] if i + 1 < len(inside) else ref[0]
+        area += (right - r) * (ref[1] - best_kl)
+    return area
 
 
-def _trial_overhead(journal: Path) -> dict:
-    """Within each trial of a real search: (ask + suggest + edit + evaluate + restore) / evaluate alone."""
+def trial_overhead(journal: Path) -> dict:
+    """Within each trial: (ask + suggest + edit + evaluate + restore + tell) / evaluate alone."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -117,71 +67,85 @@ def _trial_overhead(journal: Path) -> dict:
     study = optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(journal))))
     res = [t.user_attrs["result"] for t in study.trials if "result" in t.user_attrs]
     total, evals = sum(r["seconds"] for r in res), sum(r["eval_seconds"] for r in res)
-    return {"trial_seconds": total, "eval_seconds": evals, "trial_over_eval": total / evals}
+    return {"trial_seconds": round(total, 1), "eval_seconds": round(evals, 1), "trial_over_eval": total / evals}
+
+
+def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
+               from_default: bool = True) -> dict:
+    from pipeline import search as se
+    from pipeline.run import AbliterateJob
+
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"[{name} {time.perf_counter() - start:7.1f}s] {line.splitlines()[0][:170]}", flush=True)
+
+    job = AbliterateJob(model=model, out=work / name)
+    cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default)
+    summary = se.search(job, cfg, progress, loaded, d, space or se.suggest)["search"]
+    return {"seconds": round(time.perf_counter() - start, 1), "summary": summary,
+            **trial_overhead(work / f"{name}.journal")}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="trial/evaluation pairs for (a)")
-    parser.add_argument("--trials", type=int, default=12, help="search budget for (b)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--random-seeds", type=int, default=3, help="random-start searches (seeds 0..N-1) for (b)")
-    parser.add_argument("--directions", type=Path, help="saved directions for (b); default: measured in each run")
-    parser.add_argument("--skip-b", action="store_true", help="only measure the trial cost")
+    parser.add_argument("--model", default="demo", help="demo, or a real model key of tests/real_models.py")
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--compare", action="store_true", help="(c): also search the simpler space")
+    parser.add_argument("--directions", type=Path, help="saved directions (default: measured here)")
     args = parser.parse_args(argv)
 
     import torch
 
     from pipeline import directions as dirs
-    from pipeline.evaluate import EvalConfig
     from pipeline.loading import load_model
     from pipeline.stages import PromptsConfig, measure_directions, resolve_prompts
 
-    eval_cfg = EvalConfig(max_new_tokens=args.max_new_tokens)
-    print(f"demo model, torch threads {torch.get_num_threads()}, max_new_tokens {args.max_new_tokens}")
+    model = args.model
+    if model != "demo":
+        from tests.real_models import fetch
+
+        model = str(fetch(args.model))
+    print(f"{args.model}: torch threads {torch.get_num_threads()}, {args.trials} trials", flush=True)
+    began = time.perf_counter()
+    loaded = load_model(model)
+    d = dirs.load(args.directions) if args.directions else measure_directions(
+        loaded, resolve_prompts(model, PromptsConfig()), dirs.DirectionsConfig())
+    setup = time.perf_counter() - began
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
-        work = Path(tmp)
-        loaded, prompts = load_model("demo"), resolve_prompts("demo", PromptsConfig())
-        d = dirs.load(args.directions) if args.directions else measure_directions(
-            loaded, prompts, dirs.DirectionsConfig())
-        cost = trial_cost(loaded, d, prompts, eval_cfg, args.rounds, work)
-        print(f"(a) one trial / the evaluation inside it: {cost['ratio']:.3f}x (median of {args.rounds} rounds); "
-              f"trial {cost['trial_median_s']:.2f} s vs a separate evaluation {cost['eval_median_s']:.2f} s (medians"
-              f" {cost['ratio_vs_separate_eval_median']:.3f}x, best {cost['ratio_vs_separate_eval_best']:.3f}x); "
-              f"edit+restore {cost['edit_and_restore_s'] * 1000:.0f} ms; a reload would add {cost['reload_s']:.2f} s; "
-              f"identical scores: {cost['same_scores']}")
-        starts = [(True, 0)] + [(False, seed) for seed in range(args.random_seeds)]
-        runs = [] if args.skip_b else [time_to_target(args.directions, eval_cfg, args.trials, default, seed, work)
-                                       for default, seed in starts]
-    for run in runs:
-        reached = (f"{run['seconds_to_target']:.1f} s (trial {run['trials_to_target']}/{run['trials']})"
-                   if run["seconds_to_target"] is not None else f"not within {run['trials']} trials")
-        print(f"(b) {run['start']}: target reached after {reached}; setup {run['setup_s']:.1f} s, "
-              f"total {run['total_s']:.1f} s; chosen trial {run['chosen_trial']}: refusal "
-              f"{run['chosen_refusal']:.1%}, KL {run['chosen_kl']:.4f}; within its trials, trial time / "
-              f"evaluation time = {run['trial_over_eval']:.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
-                                   "trial_cost": cost, "time_to_target": runs}, indent=2) + "\n")
-    verdict = "meets" if cost["ratio"] <= 1.1 else "misses"
-    inner = (f", {sum(r['trial_seconds'] for r in runs) / sum(r['eval_seconds'] for r in runs):.3f}x inside "
-             f"{sum(r['trials'] for r in runs)} search trials" if runs else "")
-    print(f"SUMMARY search: one trial = {cost['ratio']:.3f}x one evaluation ({verdict} the <= 1.1x goal{inner}); "
-          f"time to refusal <= 10% & KL <= 0.1: {_reach(runs)}")
+        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours")
+        simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False)
+                  if args.compare else None)
+    s = ours["summary"]
+    chosen, plain = s["chosen_on_test"], s["plain_edit_on_test"]
+    beats = chosen["refusal"] <= plain["refusal"] and chosen["kl"] < plain["kl"]
+    same = s["chosen_trial"] == 0
+    print(f"(a) on the test part ({s['prompts']['test']['harmful']} harmful prompts, unseen by the search): chosen "
+          f"trial {s['chosen_trial']} refusal {chosen['refusal']:.1%} KL {chosen['kl']:.4f}; plain edit refusal "
+          f"{plain['refusal']:.1%} KL {plain['kl']:.4f}")
+    print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials")
+    result = {"model": args.model, "trials": args.trials, "threads": torch.get_num_threads(),
+              "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
+    hv = ""
+    if simple is not None:
+        fronts = {k: [(t["refusal"], t["kl"]) for t in r["summary"]["pareto_front"]]
+                  for k, r in (("ours", ours), ("simple", simple))}
+        ref = (s["base_refusal_rate"], max(k for f in fronts.values() for _, k in f) * 1.01)
+        areas = {k: hypervolume(f, ref) for k, f in fronts.items()}
+        result |= {"simple": simple, "hypervolume": areas, "hypervolume_ref": ref}
+        hv = f"; front area ours {areas['ours']:.5f} vs simple space {areas['simple']:.5f}"
+        print(f"(c) Pareto front area (refusal x KL, up to {ref[0]:.2f} x {ref[1]:.4f}): ours {areas['ours']:.5f}, "
+              f"simple space {areas['simple']:.5f}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.model == "demo" else f"-{args.model}"
+    (RESULTS / f"bench_search{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    verdict = ("the plain edit was the best choice" if same else
+               "beats the plain edit" if beats else "does NOT beat the plain edit")
+    print(f"SUMMARY search ({args.model}, {args.trials} trials): on unseen test prompts the choice {verdict} "
+          f"(refusal {chosen['refusal']:.1%} vs {plain['refusal']:.1%}, KL {chosen['kl']:.4f} vs {plain['kl']:.4f}); "
+          f"one trial = {ours['trial_over_eval']:.3f}x one evaluation"
+          f" ({'meets' if ours['trial_over_eval'] <= 1.1 else 'misses'} <= 1.1x){hv}")
     return 0
-
-
-def _reach(runs: list[dict]) -> str:
-    if not runs:
-        return "not measured"
-    parts = []
-    for label, group in (("default start", runs[:1]), ("random start", runs[1:])):
-        hit = [r["seconds_to_target"] for r in group if r["seconds_to_target"] is not None]
-        trials = [r["trials_to_target"] for r in group if r["seconds_to_target"] is not None]
-        if group:
-            parts.append(f"{label} {len(hit)}/{len(group)} runs" + (
-                f", median {statistics.median(hit):.0f} s (trial {statistics.median(trials):g})" if hit else ""))
-    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -306,8 +306,11 @@ def describe(params: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+Space = Callable[[Any, SearchConfig, EditConfig], dict[str, Any]]  # samples a trial's parameters
+
+
 def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig,
-               progress: Progress | None = print) -> list[Scored]:
+               progress: Progress | None = print, space: Space = suggest) -> list[Scored]:
     """Run ``cfg.trials`` trials; each is told to the study as soon as it ends. Returns this run's trials."""
     from optuna.trial import TrialState
 
@@ -318,7 +321,7 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         began = time.monotonic()
         trial = study.ask()
         try:
-            params = suggest(trial, cfg, base)
+            params = space(trial, cfg, base)
             results, layer = bench.run(*to_edit(params, base))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
@@ -383,19 +386,22 @@ def pareto_front(trials: list[Scored]) -> list[Scored]:
 
 
 def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
-           default: Scored | None = None) -> tuple[Scored, str]:
+           default: Scored | None = None, slack: float = 0.0) -> tuple[Scored, str]:
     """The chosen trial and the rule that chose it, in words. With the plain edit's score (``default``)
-    at or below the target, nothing that refuses more than it can be chosen: the search never loses to it."""
+    at or below the target, nothing refusing more than it (plus ``slack``: one prompt's worth, the noise
+    floor of the count) can be chosen: the search does not trade refusals for KL against the plain edit."""
     if not trials:
         raise UserError("the study holds no completed trial to choose from: run more --trials")
     pool = [t for t in trials if max_kl is None or t.kl <= max_kl] or trials
     kl_note = f" and KL ≤ {max_kl:g}" if max_kl is not None and len(pool) < len(trials) else ""
     limit = target * base_rate
     if default is not None and default.refusal <= limit + 1e-9:
-        ok = [t for t in pool if t.refusal <= default.refusal + 1e-9] or [default]
+        cap = min(limit, default.refusal + slack)
+        ok = [t for t in pool if t.refusal <= cap + 1e-9] or [default]
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
-        return best, (f"lowest KL among {len(ok)} trials refusing no more than the plain edit "
-                      f"({default.refusal:.1%}, within the target {limit:.1%})" + kl_note)
+        return best, (f"lowest KL among {len(ok)} finalists refusing at most {cap:.1%} (the plain edit's "
+                      f"{default.refusal:.1%}{f' + {slack:.1%}' if slack else ''}, within the target "
+                      f"{limit:.1%})" + kl_note)
     ok = [t for t in pool if t.refusal <= limit + 1e-9]
     if ok:
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
@@ -504,9 +510,11 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
 
 
 def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = print,
-           loaded: Loaded | None = None, directions: dirs.Directions | None = None) -> dict[str, Any]:
+           loaded: Loaded | None = None, directions: dirs.Directions | None = None,
+           space: Space = suggest) -> dict[str, Any]:
     """Search edits for ``job`` (its edit gives the unsearched settings), save the chosen one into
-    ``job.out``. A ``loaded`` model is reused and left with its original weights."""
+    ``job.out``. A ``loaded`` model is reused and left with its original weights; ``space`` samples
+    the trials (a benchmark compares other spaces with it)."""
     say = progress or log.info
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
@@ -514,14 +522,15 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
             study.enqueue_trial(from_edit(job.edit, bench.d, cfg), user_attrs={"default": True})
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
             f"base refusal rate {bench.base_rates['trial']:.1%} on the trial part")
-        run_trials(study, bench, cfg, job.edit, say)
+        run_trials(study, bench, cfg, job.edit, say, space)
         trials = completed(study)
         front, default = pareto_front(trials), default_trial(study, trials)
         picks = rank(front, cfg.target * bench.base_rates["trial"])[:cfg.finalists]
         picks += [default] if default is not None and default not in picks else []
         finalists = confirm(bench, picks, job.edit, say)
         default = next((t for t in finalists if default is not None and t.number == default.number), None)
-        chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default)
+        seen = len(bench.parts["trial"].harmful) + len(bench.parts["confirm"].harmful)
+        chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default, 1 / seen)
         result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")

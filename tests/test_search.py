@@ -73,8 +73,8 @@ def test_small_budget_reaches_target_on_held_out_prompts(searched):
     assert 1 < len(finalists) <= SearchConfig().finalists + 1
     plain, chosen = summary["plain_edit_on_test"], summary["chosen_on_test"]
     assert chosen["refusal"] == results["refusal_rate"]["model"]
-    # On the prompts it chose on, the choice never refuses more than the plain edit, and its KL is no higher.
-    assert finalists[summary["chosen_trial"]]["refusal"] <= finalists[0]["refusal"] + 1e-9
+    # On the prompts it chose on, the choice refuses at most one prompt more than the plain edit, at no higher KL.
+    assert finalists[summary["chosen_trial"]]["refusal"] <= finalists[0]["refusal"] + 1 / 40 + 1e-9
     assert finalists[summary["chosen_trial"]]["kl"] <= finalists[0]["kl"] + 1e-12
     assert 0 <= plain["refusal"] <= 1 and plain["kl"] > 0
 
@@ -207,6 +207,10 @@ def test_choice_rule_and_pareto_front():
     assert best.number == 1 and "plain edit" in rule
     best, _ = choose(trials, base_rate=1.0, target=0.1, default=trials[0])
     assert best.number == 0  # trial 2's lower KL comes with more refusals than the plain edit
+    best, rule = choose(trials, base_rate=1.0, target=0.1, default=trials[1], slack=0.025)
+    assert best.number == 0 and "0.0% + 2.5%" in rule  # one prompt more of 40 is within the count's noise
+    best, _ = choose(trials, base_rate=1.0, target=0.05, default=trials[0], slack=0.1)
+    assert best.number == 0  # the slack never lifts the cap above the target (trial 2 refuses 8% > 5%)
     best, _ = choose(trials, base_rate=1.0, target=0.1, default=_s(9, 0.5, 0.2))
     assert best.number == 2  # a plain edit outside the target does not hold the others back
     assert [t.number for t in se.rank(trials, 0.1)] == [2, 0, 1, 3, 4]
