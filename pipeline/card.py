@@ -292,6 +292,31 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     return {"rows": rows, "breakdown": breakdown if counts else [], "generation": generation}
 
 
+def _healing(recipe: dict[str, Any], evals: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows of base / after abliteration / after healing, when the tuned model healed an evaluated abliteration."""
+    before = recipe.get("abliteration_eval")
+    if not before or not evals:
+        return []
+    rows = [("Refusal rate ↓", *(_pct(x) for x in (*_pair(before, "refusal_rate"), _pair(evals, "refusal_rate")[1])))]
+    rows += [(f"Refusal rate: {name} ↓", _pct(v.get("base")), _pct(v.get("model")),
+              _pct(((evals.get("by_set") or {}).get(name) or {}).get("model")))
+             for name, v in (before.get("by_set") or {}).items()]
+    rows.append(("KL divergence from base ↓", "0", _num(before.get("kl_divergence")), _num(evals.get("kl_divergence"))))
+    ppl = (*_pair(before, "perplexity"), _pair(evals, "perplexity")[1])
+    return rows + [("Perplexity", *(_num(x) for x in ppl))]
+
+
+def _search(recipe: dict[str, Any]) -> dict[str, Any] | None:
+    found = recipe.get("search")
+    if not found:
+        return None
+    plain, chosen = found.get("plain_edit_on_test") or {}, found.get("chosen_on_test") or {}
+    return {"trials": found.get("trials"), "chosen": found.get("chosen_trial"), "rule": found.get("rule"),
+            "test_prompts": ((found.get("prompts") or {}).get("test") or {}).get("harmful"),
+            "rows": [("Refusal rate ↓", _pct(plain.get("refusal")), _pct(chosen.get("refusal"))),
+                     ("KL divergence from base ↓", _num(plain.get("kl")), _num(chosen.get("kl")))] if plain else []}
+
+
 def _strength_rows(strengths: dict[str, Any] | None) -> tuple[list[str], list[list[str]]]:
     """Per-layer strengths as a table: header and one row per layer."""
     if not strengths:
@@ -337,6 +362,8 @@ def context(folder: Path, recipe: dict[str, Any], evals: dict[str, Any], repo_id
         "datasets": _hub_datasets(recipe),
         "seed": recipe.get("seed"),
         "evaluation": _evaluation(evals),
+        "healing": _healing(recipe, evals),
+        "search": _search(recipe),
         "command": public_command(recipe.get("command") or "") or "(not recorded)",
         "recipe_json": json.dumps(public_value(recipe), indent=2, ensure_ascii=False),
         "versions": [(k, _cell(v)) for k, v in (recipe.get("versions") or {}).items()],

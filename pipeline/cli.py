@@ -196,7 +196,7 @@ def _abliterate_and_heal(job, args) -> int:
 
     stage = job.out.with_name(job.out.name + ".abliterated")
     if not (stage / "recipe.json").exists():
-        abliterate(replace(job, out=stage, evaluate=False, overwrite=True), progress=print)
+        abliterate(replace(job, out=stage, overwrite=True), progress=print)  # evaluated: the card compares
     summary = heal(
         stage,
         job.model,
@@ -229,6 +229,12 @@ def print_summary(summary: dict) -> None:
         print(f"KL divergence (harmless, first token): {results['kl_divergence']:.4f}")
         if ppl:
             print(f"perplexity: {ppl.get('base')} -> {ppl.get('model')}")
+        found = summary.get("search") or {}
+        plain, chosen = found.get("plain_edit_on_test"), found.get("chosen_on_test")
+        if plain and chosen:
+            print(f"search: trial {found['chosen_trial']} of {found['trials']} chosen; on the test prompts no trial "
+                  f"saw it refuses {chosen['refusal']:.1%} at KL {chosen['kl']:.4f}, the plain edit "
+                  f"{plain['refusal']:.1%} at KL {plain['kl']:.4f}")
         for sample in results.get("samples", [])[:3]:
             print(json.dumps(sample, ensure_ascii=False))
     print(f"output: {summary['out']}")

@@ -284,33 +284,21 @@ def _responses(model_id: str, prompts: Sequence[str], load, max_new_tokens: int,
             torch.cuda.empty_cache()
 
 
-def make_pairs(
-    base: str,
-    edited: str,
-    prompts: Sequence[str],
-    load=None,
-    max_new_tokens: int = 64,
-    batch_size: int | None = None,
-    markers=None,
-    progress: Callable[[str], None] | None = None,
-) -> tuple[list[dict[str, str]], dict[str, int]]:
-    """Base refusal -> rejected, edited answer -> chosen, where the base refused and the edited did not.
-
-    The two models are loaded one after the other, so peak memory is one model.
-    """
-    from pipeline.evaluate import classify, load_markers
-    from pipeline.loading import LoadConfig
-
-    load = load or LoadConfig()
-    markers = markers or load_markers()
-    say = progress or log.info
-    prompts = list(prompts)
+def _both(base: str, edited: str, prompts: Sequence[str], load: Any, max_new_tokens: int, batch_size: int | None,
+          say: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Greedy responses of both models to ``prompts``, loaded one after the other (peak memory: one model)."""
     if not prompts:
         raise UserError("no prompts to make pairs from")
     say(f"generating base responses ({base}, {len(prompts)} prompts)")
     base_out = _responses(base, prompts, load, max_new_tokens, batch_size)
     say(f"generating edited responses ({edited})")
-    edited_out = _responses(edited, prompts, load, max_new_tokens, batch_size)
+    return base_out, _responses(edited, prompts, load, max_new_tokens, batch_size)
+
+
+def _refusal_pairs(prompts: Sequence[str], base_out: Sequence[str], edited_out: Sequence[str],
+                   markers: Any) -> tuple[list[dict[str, str]], dict[str, int]]:
+    from pipeline.evaluate import classify
+
     rows, base_refused, edited_refused = [], 0, 0
     for prompt, rejected, chosen in zip(prompts, base_out, edited_out, strict=True):
         b, e = classify(rejected, markers) is not None, classify(chosen, markers) is not None
@@ -325,6 +313,49 @@ def make_pairs(
             f"{edited_refused}; a pair needs a base refusal and an edited answer to the same prompt"
         )
     return rows, stats
+
+
+def make_pairs(
+    base: str,
+    edited: str,
+    prompts: Sequence[str],
+    load=None,
+    max_new_tokens: int = 64,
+    batch_size: int | None = None,
+    markers=None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Base refusal -> rejected, edited answer -> chosen, where the base refused and the edited did not."""
+    from pipeline.evaluate import load_markers
+    from pipeline.loading import LoadConfig
+
+    prompts = list(prompts)
+    base_out, edited_out = _both(base, edited, prompts, load or LoadConfig(), max_new_tokens, batch_size,
+                                 progress or log.info)
+    return _refusal_pairs(prompts, base_out, edited_out, markers or load_markers())
+
+
+def heal_pairs(
+    base: str, edited: str, harmful: Sequence[str], harmless: Sequence[str], load=None, max_new_tokens: int = 64,
+    batch_size: int | None = None, markers=None, progress: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """The pairs that heal an abliterated model: on harmful prompts its answer is chosen over the base's
+    refusal (keep what abliteration removed); on harmless prompts the base's answer is chosen over its own
+    where they differ (pull the rest of its behaviour back to the base, which is what the KL measures)."""
+    from pipeline.evaluate import classify, load_markers
+    from pipeline.loading import LoadConfig
+
+    markers = markers or load_markers()
+    harmful, harmless = list(harmful), list(harmless)
+    base_out, edited_out = _both(base, edited, harmful + harmless, load or LoadConfig(), max_new_tokens,
+                                 batch_size, progress or log.info)
+    n = len(harmful)
+    rows, stats = _refusal_pairs(harmful, base_out[:n], edited_out[:n], markers)
+    anchors = [{"prompt": p, "chosen": b.strip(), "rejected": e.strip()}
+               for p, b, e in zip(harmless, base_out[n:], edited_out[n:], strict=True)
+               if b.strip() != e.strip() and classify(b, markers) is None]
+    return rows + anchors, {**stats, "harmless_prompts": len(harmless), "harmless_pairs": len(anchors),
+                            "pairs": len(rows) + len(anchors), "refusal_pairs": len(rows)}
 
 
 def pairs(

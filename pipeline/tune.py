@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -58,9 +59,12 @@ class TuneConfig(BaseModel):
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: str = Field(
         "all-linear", description="Modules that get an adapter: all-linear, or comma-separated names (q_proj,v_proj).")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (of the LoRA adapter: full "
+                                 "fine-tuning would use ~100x less).")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when --max-steps is given).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides --epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides --epochs and --min-steps.")
+    min_steps: int = Field(30, ge=1, description="With --epochs, train at least this many optimizer steps: a few "
+                           "dozen pairs make one or two steps an epoch, too few to move a model.")
     batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
     grad_accum: int = Field(4, ge=1, description="Forward passes accumulated per optimizer step.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (prompt + completion); longer ones are cut.")
@@ -182,6 +186,10 @@ def train_adapter(
     path = local_path(model_id, load)
     tokenizer = load_tokenizer(path, load)
     dataset = to_dataset(data, tokenizer, cfg.method)
+    if cfg.max_steps is None:
+        per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
+        epoch_steps = math.ceil(cfg.epochs * len(dataset) / per_step)
+        args.max_steps = max(cfg.min_steps, epoch_steps)  # steps scale with the pairs, never below the floor
     kwargs = _model_kwargs(load)
     if args.distributed_state.distributed_type != "NO":
         kwargs.pop("device_map", None)  # the trainer places each process's copy
@@ -345,13 +353,13 @@ def heal(
 ) -> dict | None:
     """Abliterate-then-DPO: DPO on the abliterated model, evaluated against the original base.
 
-    Without ``data``, the pairs come from the base's harmful measurement prompts: the base's
-    refusal is rejected, the abliterated model's answer chosen (`pipeline.pairs.make_pairs`).
-    The pairs are kept in ``OUT/heal_pairs.jsonl``; the abliteration recipe is kept in the new
-    recipe under ``abliteration``.
+    Without ``data``, the pairs come from the measurement prompts (`pipeline.pairs.heal_pairs`): on
+    harmful ones the abliterated answer is chosen over the base's refusal, on harmless ones the base's
+    answer over the abliterated model's where they differ. The pairs are kept in ``OUT/heal_pairs.jsonl``;
+    the abliteration recipe (with its evaluation, when it was evaluated) is kept under ``abliteration``.
     """
     from pipeline.output import read_json
-    from pipeline.pairs import make_pairs, write_jsonl
+    from pipeline.pairs import heal_pairs, write_jsonl
     from pipeline.stages import resolve_prompts
 
     out, abliterated = Path(out), str(abliterated)
@@ -361,17 +369,20 @@ def heal(
         raise UserError("healing uses DPO: leave --method at dpo")
     pairs_info = None
     if data is None:
-        prompts = resolve_prompts(base_model, prompts_cfg).harmful.measure
-        rows, stats = make_pairs(base_model, abliterated, prompts, load, max_new_tokens, progress=progress)
-        say(progress, f"{stats['pairs']} pairs from {stats['prompts']} prompts")
+        prompts = resolve_prompts(base_model, prompts_cfg)
+        rows, stats = heal_pairs(base_model, abliterated, prompts.harmful.measure, prompts.harmless.measure, load,
+                                 max_new_tokens, progress=progress)
+        say(progress, f"{stats['pairs']} pairs: {stats['refusal_pairs']} where the base refused and the abliterated "
+                      f"model answers, {stats['harmless_pairs']} harmless ones pulling it back to the base")
         pairs_file = out.parent / f".{out.name}.heal_pairs.jsonl"
         write_jsonl(rows, pairs_file, overwrite=True)
         data, pairs_info = str(pairs_file), stats
-    recipe_file = Path(abliterated) / RECIPE_FILE
+    recipe_file, eval_file = Path(abliterated) / RECIPE_FILE, Path(abliterated) / EVAL_FILE
     extra = {
         "base_model": base_model,  # the card's base: the model before abliteration
         "tuned_model": abliterated,
         "abliteration": read_json(recipe_file) if recipe_file.is_file() else None,
+        "abliteration_eval": read_json(eval_file) if eval_file.is_file() else None,
         "heal_pairs": pairs_info,
     }
     try:

@@ -282,3 +282,17 @@ def test_base_that_refuses_nothing(tmp_path, demo_loaded, demo_d):
 def test_incompatible_job_settings(tmp_path, change, needle):
     with pytest.raises(UserError, match=needle):
         search(AbliterateJob(model="demo", out=tmp_path / "o", **change), SearchConfig(trials=1))
+
+
+def test_card_compares_the_chosen_and_plain_edits_on_the_test_part(searched):
+    from pipeline.card import render_card
+
+    text = render_card(searched["root"] / "second", "someone/demo-searched")
+    found = searched["second"]["search"]
+    assert "### Automatic search" in text and f"over {TRIALS} trials" in text
+    assert f"trial {found['chosen_trial']}, lowest KL" in text and "(40 harmful prompts)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| KL divergence from base ↓ | ")
+               and line.count("|") == 4)
+    plain, chosen = (float(c) for c in row.split("|")[2:4])
+    assert plain == pytest.approx(found["plain_edit_on_test"]["kl"], abs=6e-5)
+    assert chosen == pytest.approx(found["chosen_on_test"]["kl"], abs=6e-5)

@@ -1,0 +1,79 @@
+"""Tuning defaults on a model they were not tuned on: a second toy chat model, built like the demo but with
+another seed and another (smaller) vocabulary, so its weights, tokenizer and refusal direction all differ.
+
+DPO with every default must remove its refusals, and abliterate-then-heal must bring its KL divergence back
+down without bringing the refusals back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import DemoSpec, build_demo
+from pipeline.evaluate import EvalConfig
+from pipeline.run import AbliterateJob, abliterate
+from pipeline.stages import PromptsConfig
+from pipeline.tune import TuneConfig, heal, tune
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+TOY = DemoSpec(seed=7, vocab_size=640)
+PROMPTS = PromptsConfig(harmful="demo-harmful", harmless="demo-harmless", max_prompts=160, max_eval=80)
+EVAL = EvalConfig(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("toy")
+    build_demo(TOY, root / "model")
+    ablit = abliterate(AbliterateJob(model=str(root / "model"), out=root / "abliterated", prompts=PROMPTS,
+                                     eval=EVAL))
+    return {"root": root, "model": str(root / "model"), "abliterated": root / "abliterated", "eval": ablit["eval"]}
+
+
+def test_the_toy_refuses_and_abliteration_damages_it(toy):
+    rate = toy["eval"]["refusal_rate"]
+    assert rate["base"] >= 0.9  # a refusing model, like the demo
+    assert rate["model"] <= 0.2
+    assert toy["eval"]["kl_divergence"] > 0.01  # something for healing to repair
+
+
+def test_default_dpo_removes_the_refusals_of_a_model_it_was_not_tuned_on(toy):
+    from pipeline.pairs import make_pairs, write_jsonl
+    from pipeline.stages import resolve_prompts
+
+    prompts = resolve_prompts(toy["model"], PROMPTS).harmful.measure
+    rows, stats = make_pairs(toy["model"], str(toy["abliterated"]), prompts, max_new_tokens=24)
+    data = write_jsonl(rows, toy["root"] / "pairs.jsonl", overwrite=True)
+    summary = tune(toy["model"], str(data), toy["root"] / "dpo", TuneConfig(max_length=96), prompts_cfg=PROMPTS,
+                   eval_cfg=EVAL)
+    rate = summary["eval"]["refusal_rate"]
+    assert stats["pairs"] >= 20
+    assert rate["base"] >= 0.9 and rate["model"] <= 0.5, rate
+
+
+def test_heal_lowers_kl_and_keeps_refusals_removed(toy):
+    out = toy["root"] / "healed"
+    summary = heal(toy["abliterated"], toy["model"], out, TuneConfig(max_length=96), prompts_cfg=PROMPTS,
+                   eval_cfg=EVAL, max_new_tokens=24)
+    before, after = toy["eval"], summary["eval"]
+    assert after["kl_divergence"] < before["kl_divergence"], (before["kl_divergence"], after["kl_divergence"])
+    assert after["refusal_rate"]["model"] <= before["refusal_rate"]["model"] + 0.05
+    recipe = json.loads((out / "recipe.json").read_text())
+    pairs = recipe["heal_pairs"]
+    assert pairs["refusal_pairs"] > 0 and pairs["harmless_pairs"] > 0
+    assert pairs["pairs"] == pairs["refusal_pairs"] + pairs["harmless_pairs"]
+    assert recipe["abliteration_eval"]["kl_divergence"] == pytest.approx(before["kl_divergence"])
+    card = _card(out)
+    row = next(line for line in card.splitlines() if line.startswith("| KL divergence from base"))
+    assert [c.strip() for c in row.split("|")[2:5]] == ["0", f"{before['kl_divergence']:.4f}",
+                                                      f"{after['kl_divergence']:.4f}"]
+
+
+def _card(folder: Path) -> str:
+    from pipeline.card import render_card
+
+    return render_card(folder, "someone/toy-healed")
