@@ -43,6 +43,7 @@ STAGES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         _CARD, _PUBLISH,
     ),
 }
+_JOURNAL = re.compile(r" in [^;]*\.journal;")
 _TRIAL = re.compile(r"^trial (\d+) \[(\d+)/(\d+)\]: refusal ([\d.]+)%, KL ([\d.]+)(.*)$", re.DOTALL)
 _STEP = re.compile(r"^step (\d+) of (-?\d+): loss ([\d.]+)")
 _FRONT_ROW = re.compile(r"\|\s*\d+(?: \(chosen\))?\s*\|")
@@ -113,6 +114,8 @@ class JobLog:
             done, total, loss = step.groups()
             self.detail = f"step {done} of {total}, loss {float(loss):.3f}" if int(total) > 0 else f"step {done}"
             return f"training {self.detail}"
+        if message.startswith("search:"):
+            return _JOURNAL.sub(";", message)  # the study file is the server's
         if message.startswith("wrote the result"):
             return "saved the edited model" + message.removeprefix("wrote the result")
         return " ".join(message.split()) if "\n" in message else message
@@ -120,7 +123,8 @@ class JobLog:
     def _trial_line(self, number: str, i: str, total: str, refusal: str, kl: str, rest: str) -> str:
         self.detail = f"trial {i} of {total}"
         edit, _, tail = rest.strip().partition("|")
-        line = f"trial {i} of {total}: refusal {refusal}%, KL {float(kl):.4f} {edit.strip()}".rstrip()
+        # The trial's own number (as in the chart and the card), then how far the search is.
+        line = f"trial {number} ({i} of {total}): refusal {refusal}%, KL {float(kl):.4f} {edit.strip()}".rstrip()
         if "best so far" in tail:  # the search reports its own best (by its choosing rule)
             best = tail.split("|")[0].strip()
         else:

@@ -22,25 +22,11 @@ Remove a model's refusal direction from its weights (**abliteration**), or tune 
 Hugging Face account. The built-in `demo` model works offline."""
 
 
-class ModelBox(gr.Dropdown):
-    """The model field: suggestions as you type, any Hub id accepted (so the API types it as a string)."""
-
-    is_template = True
-
-    def api_info(self) -> dict[str, str]:
-        return {"type": "string"}
-
-
-class CountSlider(gr.Slider):
-    """A slider of whole numbers (typed as an integer in the API)."""
-
-    is_template = True
-
-    def api_info(self) -> dict[str, str]:
-        return {"type": "integer"}
-
-    def preprocess(self, payload: float | None) -> int | None:
-        return None if payload is None else int(round(payload))
+def _typed(component, json_type: str):
+    """Declare the API type of a component whose own is too narrow (the model field's suggestions are not
+    an enum: any Hub id is accepted; a trial count is a whole number)."""
+    component.api_info = lambda: {"type": json_type}
+    return component
 
 
 def _sign_in(c: dict) -> None:
@@ -56,10 +42,11 @@ def _sign_in(c: dict) -> None:
 
 def _target(c: dict) -> None:
     with gr.Row(equal_height=True):
-        c["model_id"] = ModelBox(
+        c["model_id"] = gr.Dropdown(
             choices=["demo"], value="demo", label="Model (Hub id or demo)", allow_custom_value=True,
             filterable=True, scale=2, elem_id="model-id",
         )
+        _typed(c["model_id"], "string")
         c["repo_id"] = gr.Textbox(value="", label="Target repo", placeholder="your-name/demo-abliterated", scale=2,
                                   elem_id="repo-id")
         c["private"] = gr.Checkbox(label="Private repo", value=False, scale=1, min_width=160)
@@ -84,8 +71,9 @@ def _abliterate_tab(c: dict) -> None:
             c["mlp_peak"] = gr.Slider(0, 1, value=0.5, step=0.05, label="MLP peak (depth)")
             c["mlp_width"] = gr.Slider(0.05, 5, value=2.0, step=0.05, label="MLP width")
     max_trials = limits.Limits.from_env().max_trials
-    c["trials"] = CountSlider(1, max_trials, value=min(20, max_trials), step=1, label="Trial budget (automatic search)",
+    c["trials"] = gr.Slider(1, max_trials, value=min(20, max_trials), step=1, label="Trial budget (automatic search)",
                             visible=False)
+    _typed(c["trials"], "integer")
     c["_manual"] = manual
 
 

@@ -309,7 +309,7 @@ def test_automatic_search_shows_the_pareto_chart_and_what_it_chose(app, hub):
     assert Path(chart).is_file() and Path(chart).stat().st_size > 1000
     assert "**Chosen by the search:** trial " in summary and "of the depth" in summary
     trials = [line for line in log_text.splitlines() if line.startswith("trial ")]
-    assert [line.split(":")[0] for line in trials] == ["trial 1 of 2", "trial 2 of 2"]
+    assert [line.split(":")[0] for line in trials] == ["trial 0 (1 of 2)", "trial 1 (2 of 2)"]
     assert all("best so far: trial" in line for line in trials)
     assert "|---|" not in log_text and ".journal" not in log_text
 
@@ -340,6 +340,23 @@ def test_queue_is_bounded_and_heavy_events_share_one_slot(app):
     heavy = [fn for fn in demo.fns.values() if fn.concurrency_id == HEAVY_ID]
     assert {fn.api_name for fn in heavy} >= {"abliterate_and_publish", "run_without_publishing", "chat"}
     assert all(fn.concurrency_limit == 1 for fn in heavy)
+
+
+def test_the_api_names_its_outputs_and_types_its_inputs(app):
+    from gradio_client import Client
+
+    demo, url = app
+    info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(info) == {"/abliterate_and_publish", "/run_without_publishing", "/chat"}
+    for name in ("/abliterate_and_publish", "/run_without_publishing"):
+        returns = [r["label"] for r in info[name]["returns"]]
+        assert returns == ["Log", "Outcome", "Stage", "Evaluation", "Refusal direction per layer",
+                           "Edit strength per layer", "Pareto front of the search", "Edited model (zip, dry run)",
+                           "Model card", "Repository"]
+        types = {p["parameter_name"]: p["python_type"]["type"] for p in info[name]["parameters"]}
+        assert types["model_id"] == "str" and types["trials"] == types["dpo_steps"] == "int"
+    assert [p["parameter_name"] for p in info["/chat"]["parameters"]] == ["message", "left", "right"]
+    assert not [r for e in info.values() for r in e["returns"] if r["label"].startswith("value_")]
 
 
 def test_helpers_parse_settings_and_fill_defaults():
