@@ -140,7 +140,7 @@ def stage_html(log: JobLog | None, phase: str = "running", reason: str = "") -> 
         label, done, total = "Idle: no job has run yet", 0, 1
     else:
         total = len(log.labels)
-        where = f"stage {log.stage + 1} of {total}: {log.stage_label()}" if log.stage >= 0 else "before it started"
+        where = f"at stage {log.stage + 1} of {total}: {log.stage_label()}" if log.stage >= 0 else "before the job started"
         if phase == "waiting" or (phase == "running" and log.stage < 0):
             label, done = "Waiting for a free slot", 0
         elif phase == "running":
@@ -149,9 +149,9 @@ def stage_html(log: JobLog | None, phase: str = "running", reason: str = "") -> 
         elif phase == "done":
             label, done = "Done" + ("" if log.publish else " (not published)"), total
         elif phase == "failed":
-            label, done = f"Failed at {where}: {reason}", max(log.stage, 0)
+            label, done = f"Failed {where}: {reason}", max(log.stage, 0)
         else:
-            label, done = f"Cancelled at {where}: nothing was published", max(log.stage, 0)
+            label, done = f"Cancelled {where}: nothing was published", max(log.stage, 0)
     width = round(100 * done / max(total, 1))
     color = _COLORS.get(phase, _COLORS["running"])
     track = "background:var(--neutral-200,#e5e7eb);border-radius:4px;height:10px;overflow:hidden"

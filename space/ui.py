@@ -49,7 +49,8 @@ def _target(c: dict) -> None:
         _typed(c["model_id"], "string")
         c["repo_id"] = gr.Textbox(value="", label="Target repo", placeholder="your-name/demo-abliterated", scale=2,
                                   elem_id="repo-id")
-        c["private"] = gr.Checkbox(label="Private repo", value=False, scale=1, min_width=160)
+    # On its own line: squeezed into the row above, its label vanished on a narrow screen.
+    c["private"] = gr.Checkbox(label="Private repo", value=False, elem_id="private")
     c["method"] = gr.Radio(["abliterate", "dpo", "steer"], value="abliterate", label="Method", visible=False)
 
 
@@ -113,7 +114,7 @@ def _settings(c: dict) -> None:
 def _results(c: dict) -> None:
     c["link"] = gr.Markdown("", label="Repository", elem_id="repo-link")
     c["summary"] = gr.Markdown("", label="Evaluation", elem_id="summary")
-    c["download"] = gr.File(label="Edited model (zip, dry run)", interactive=False, elem_id="download")
+    c["download"] = gr.File(label="Edited model (zip, dry run)", interactive=False, height=90, elem_id="download")
     with gr.Row():
         c["directions"] = gr.Image(label="Refusal direction per layer", type="pil", interactive=False)
         c["strengths"] = gr.Image(label="Edit strength per layer", type="pil", interactive=False)

@@ -86,6 +86,9 @@ def test_the_stage_bar_ends_in_done_failed_or_cancelled(phase):
                 "cancelled": ("Cancelled at stage 3 of 5: Editing the weights: nothing was published", 40)}[phase]
     assert expected[0] in bar and width == expected[1]
     assert "Idle" in stage_html(None, "idle") and "Waiting" in stage_html(JobLog(), "waiting")
+    # A publish refused before anything ran (an unreachable Hub, a repo not yours) ends failed too.
+    assert "Failed before the job started: the Hub is unreachable" in stage_html(JobLog(), "failed",
+                                                                              "the Hub is unreachable")
 
 
 def test_cancel_is_said_once_and_only_while_a_job_runs():
