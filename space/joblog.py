@@ -140,7 +140,9 @@ def stage_html(log: JobLog | None, phase: str = "running", reason: str = "") -> 
         label, done, total = "Idle: no job has run yet", 0, 1
     else:
         total = len(log.labels)
-        where = f"at stage {log.stage + 1} of {total}: {log.stage_label()}" if log.stage >= 0 else "before the job started"
+        where = "before the job started"
+        if log.stage >= 0:
+            where = f"at stage {log.stage + 1} of {total}: {log.stage_label()}"
         if phase == "waiting" or (phase == "running" and log.stage < 0):
             label, done = "Waiting for a free slot", 0
         elif phase == "running":
