@@ -326,12 +326,11 @@ def follow_job(job: dict[str, Any] | None) -> tuple:
     )
 
 
-def follow_method(method: str, mode: str) -> tuple:
+def follow_method(method: str, mode: str, model_id: str = "demo") -> tuple:
     """(button, repo placeholder, direction chart, strength chart, Pareto chart) for the chosen method tab."""
-    suffix = auth.SUFFIXES.get(method, "abliterated")
     ablit = method == "abliterate"
     return (gr.update(value=BUTTONS.get(method, BUTTONS["abliterate"])),
-            gr.update(placeholder=f"your-name/demo-{suffix}"),
+            gr.update(placeholder=auth.default_repo("your-name", (model_id or "").strip() or "demo", method)),
             gr.update(visible=ablit), gr.update(visible=ablit), gr.update(visible=ablit and mode == "search"))
 
 

@@ -171,8 +171,8 @@ def _wire(c: dict) -> None:
     for source in (c["model_id"], c["method"]):
         source.change(handlers.retarget, [c["model_id"], c["method"], c["repo_id"]], c["repo_id"],
                       api_visibility="private", queue=False)
-    for source in (c["method"], c["mode"]):
-        source.change(handlers.follow_method, [c["method"], c["mode"]],
+    for source in (c["method"], c["mode"], c["model_id"]):
+        source.change(handlers.follow_method, [c["method"], c["mode"], c["model_id"]],
                       [c["publish"], c["repo_id"], c["directions"], c["strengths"], c["pareto"]],
                       api_visibility="private", queue=False)
     c["mode"].change(

@@ -114,8 +114,8 @@ def test_cancel_is_said_once_and_only_while_a_job_runs():
 def test_labels_follow_the_method_tab(method, button, suffix, charts):
     from space import handlers
 
-    out = handlers.follow_method(method, "search")
-    assert out[0]["value"] == button and out[1]["placeholder"].endswith(f"-{suffix}")
+    out = handlers.follow_method(method, "search", "Qwen/Qwen3-0.6B")
+    assert out[0]["value"] == button and out[1]["placeholder"] == f"your-name/Qwen3-0.6B-{suffix}"
     assert out[2]["visible"] is charts and out[3]["visible"] is charts and out[4]["visible"] is charts
     assert handlers.follow_method("abliterate", "preset")[4]["visible"] is False  # Pareto chart: searches only
 
