@@ -123,7 +123,8 @@ def link_markdown(result: JobResult) -> str:
     if result.url:
         return f"### Published: [{result.repo_id}]({result.url})"
     return (f"### Not published\nThe card below is written for `{result.repo_id}`. Download the result (a zip of "
-            "the model, its card and evaluation) to keep it, or publish to make and upload it.")
+            "the model, its card and evaluation) to keep it; publishing with the same settings uploads this very "
+            "result (for about an hour).")
 
 
 def chosen_markdown(recipe: dict[str, Any]) -> str:
@@ -173,9 +174,9 @@ def _done(log: JobLog, result: JobResult) -> tuple:
         status = f"**Done.** Published to [{result.repo_id}]({result.url})."
     else:
         log.note("done: nothing was published; the result is ready to download")
-        status = "**Done (not published).** Download the edited model below, or read its card first."
+        status = "**Done (not published).** Download the edited model below, read its card, or publish it."
     state = _job_state(log, "done", base_model=result.base_model, suggestions=result.suggestions,
-                       chosen=chosen_settings(result.recipe), chat=bool(result.chat_key))
+                       chosen=chosen_settings(result.recipe), chat=bool(result.chat_key), kept=result.download)
     charts = result.charts
     return _out(log=log.text(), status=status, stage=stage_html(log, "done"),
                 summary=f"{chosen}\n\n{summary}" if chosen else summary,
@@ -198,6 +199,7 @@ def _failed(log: JobLog, reason: str) -> Iterator[tuple]:
 def stream(publish: bool, values: dict[str, Any], oauth_token: Any) -> Iterator[tuple]:
     """Run one job; stream the log and stage, then its outcome: done, failed or cancelled."""
     field_token = values.pop("hf_token", None)
+    last = values.pop("job", None) or {}  # this session's previous job (server-side state, never the caller's)
     log = JobLog(str(values.get("method") or "abliterate"), publish)
     try:
         method, options = build_options(values)
@@ -206,8 +208,8 @@ def stream(publish: bool, values: dict[str, Any], oauth_token: Any) -> Iterator[
         # Resolved for unpublished runs too: the job reads the Hub as this user (their private models load,
         # nobody else's do); None means anonymous reads.
         token = auth.resolve_token(oauth_token, field_token)
-        request = JobRequest(model_id, values.get("repo_id"), method,
-                             bool(values.get("private")), publish, options, token=token)
+        request = JobRequest(model_id, values.get("repo_id"), method, bool(values.get("private")), publish,
+                             options, token=token, kept=last.get("kept") if last.get("phase") == "done" else None)
         runner = JobRunner(request, keep_for_chat=chat.keep_edited).start()
     except UserError as err:
         yield from _failed(log, str(err))
@@ -243,7 +245,7 @@ def abliterate_and_publish(
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
-    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
+    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,
     oauth_token: gr.OAuthToken | None = None,
 ) -> Iterator[tuple]:
     """Abliterate (or tune) the model, evaluate it, write its card and publish it to the Hub.
@@ -257,6 +259,8 @@ def abliterate_and_publish(
         max_new_tokens: tokens generated per evaluation prompt.
         extra_options: JSON object of allowed stage settings (space/policy.py), e.g. {"select_prompts": 8}.
         hf_token: a write token (locally); on a Space, sign in instead.
+        job: the session's last job (server-side state, not an API input): a publish after a dry run with
+            the same settings uploads the dry run's result instead of making it again.
     """
     values = {k: v for k, v in locals().items() if k != "oauth_token"}
     yield from stream(True, values, oauth_token)
@@ -269,7 +273,7 @@ def run_without_publishing(
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
-    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
+    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,
     oauth_token: gr.OAuthToken | None = None,
 ) -> Iterator[tuple]:
     """The same job without the upload: evaluate the edit and read its card first."""

@@ -52,6 +52,7 @@ class JobRequest:
     publish: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
+    kept: str | None = None  # this session's last dry-run zip: reused by a publish with the same settings
 
 
 @dataclass
@@ -96,8 +97,7 @@ def resolve_repo(request: JobRequest) -> JobRequest:
     if repo_id.split("/")[0] not in allowed:
         raise AuthError(f"{me.get('name')} cannot publish to {repo_id!r}: use your name or one of your "
                         f"organisations ({', '.join(sorted(a for a in allowed if a))})")
-    return JobRequest(request.model_id, repo_id, request.method, request.private, True, request.options,
-                      request.token)
+    return dataclasses.replace(request, repo_id=repo_id)
 
 
 def _dry_run_target(request: JobRequest) -> JobRequest:
@@ -204,6 +204,8 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
             folders[:] = [(str(job.output_dir()), "the result"), (tmp, "the job folder")]
             command = results.reproduce_command(request.model_id, request.method, request.repo_id,
                                                 request.private, request.options)
+            if request.publish and request.kept and results.unpack(request.kept, job.output_dir(), command):
+                say("found the result of your dry run: it is published if the settings are the same")
             with recorded_command(command):
                 summary = _run_job_module().run_job(job, progress, read_token)
             result = _collect(job.output_dir(), summary)

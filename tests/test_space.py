@@ -212,6 +212,36 @@ def test_run_without_publishing_sends_nothing_keeps_the_result_then_chats_with_b
     assert left[1]["content"] and right[1]["content"]
 
 
+def test_publishing_after_a_dry_run_uploads_the_kept_result_when_the_settings_match(app, hub):
+    import zipfile
+
+    demo, url = app
+    client = _client(url, ALICE_TOKEN)  # one session: the dry run's result is kept for it
+
+    def dry_run() -> bytes:
+        out = _submit(client, api_name="/run_without_publishing", repo_id="alice/kept-abliterated").result(timeout=600)
+        with zipfile.ZipFile(out[7]) as zf:
+            return zf.read("kept-abliterated/model.safetensors")
+
+    weights = dry_run()
+    assert not hub.repos
+    # Other settings than the dry run's: the model is made again, not the kept one.
+    other = _submit(client, repo_id="alice/kept-abliterated", preset="aggressive").result(timeout=600)
+    assert "found the result of your dry run" in other[0] and "measuring refusal directions" in other[0]
+    assert hub.files("alice/kept-abliterated")["model.safetensors"] != weights
+
+    weights = dry_run()
+    out = _submit(client, repo_id="alice/kept-abliterated").result(timeout=600)
+    log_text, status = out[0], out[1]
+    assert status.startswith("**Done.**") and "reusing the edited model" in log_text
+    assert "measuring" not in log_text and "evaluating" not in log_text  # nothing made again
+    files = _assert_published(hub, "alice/kept-abliterated")
+    assert files["model.safetensors"] == weights  # the very weights the user downloaded and read about
+    card = files["README.md"].decode()
+    assert "python -m pipeline run demo --method abliterate --repo-id alice/kept-abliterated" in card
+    assert 'model_id = "alice/kept-abliterated"' in card and "your-name" not in card
+
+
 def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub, work_root, runs, log_records):
     demo, url = app
     job_a = _submit(_client(url, ALICE_TOKEN), repo_id="alice/first-abliterated")
