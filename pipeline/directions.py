@@ -451,7 +451,7 @@ def plot(d: Directions, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     layers = [s.layer for s in d.stats]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(layers, [s.separation for s in d.stats], marker="o", label="separation (Cohen's d)")
     ax.set_xlabel("layer")
     ax.set_ylabel("separation")
@@ -461,8 +461,11 @@ def plot(d: Directions, path: Path) -> None:
         pts = [(s.layer, s.refusal_ablated) for s in d.stats if s.refusal_ablated is not None]
         ax2.plot(*zip(*pts, strict=False), color="tab:red", marker="x", linestyle="", label="refusal when ablated")
     ax2.set_ylim(0, 1.05)
-    ax.axvline(d.suggested_layer, color="gray", linestyle="--", label=f"chosen layer {d.suggested_layer}")
-    fig.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(bottom=min(0.0, *(s.separation for s in d.stats)))
+    ax.axvline(d.suggested_layer, color="gray", linestyle="--", label=f"best measured layer {d.suggested_layer}")
+    # Below the axes, never over the data or the axis labels.
+    handles = [h for a in (ax, ax2) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
     ax.set_title("Refusal direction per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

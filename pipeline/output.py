@@ -17,6 +17,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -88,7 +89,13 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+# A caller that is not the command line (the Space) records the equivalent command here.
+RECORDED_COMMAND: ContextVar[str | None] = ContextVar("recorded_command", default=None)
+
+
 def command_line() -> str:
+    if RECORDED_COMMAND.get():
+        return RECORDED_COMMAND.get()
     return " ".join(["python -m pipeline", *sys.argv[1:]]) if sys.argv and "pipeline" in sys.argv[0] else ""
 
 

@@ -195,7 +195,6 @@ def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None
     else:
         if work.exists():  # our own hidden work folder, measured for another model, prompts or settings
             shutil.rmtree(work)
-        say(progress, "measuring refusal directions")
         directions_only(job.model, work, load, prompts, measure, progress)
         fingerprint.record(work, directions=expected)
     ajob = AbliterateJob(

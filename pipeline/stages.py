@@ -215,12 +215,15 @@ def plot_strengths(plan: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 3))
     layers = range(len(plan["attn"]))
-    ax.plot(layers, plan["attn"], marker="o", label="attention")
-    ax.plot(layers, plan["mlp"], marker="s", label="MLP")
+    # Dashed over solid with hollow markers: equal profiles stay both visible.
+    ax.plot(layers, plan["attn"], marker="o", linewidth=2.5, label="attention")
+    ax.plot(layers, plan["mlp"], marker="s", linestyle="--", markerfacecolor="none", label="MLP")
     ax.set_xlabel("layer")
     ax.set_ylabel("edit strength")
+    # From 0: a nearly flat profile (0.97-1.0) must not look like a hill.
+    ax.set_ylim(0, max(1.0, *plan["attn"], *plan["mlp"]) * 1.08)
     ax.set_title("Abliteration strength per layer")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -164,6 +164,18 @@ def to_dataset(data: TrainingData, tokenizer: Any, method: str):
     return Dataset.from_list([to_conversational(ex, tokenizer) for ex in data.examples])
 
 
+def _step_reporter(progress: Progress | None):
+    """A trainer callback that reports each logged step and its loss (the Space shows them as they come)."""
+    from transformers import TrainerCallback
+
+    class StepReporter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and state.is_world_process_zero:
+                say(progress, f"step {state.global_step} of {state.max_steps}: loss {float(logs['loss']):.4f}")
+
+    return StepReporter()
+
+
 def train_adapter(
     model_id: str, data: TrainingData, cfg: TuneConfig, work: Path, load: LoadConfig = LoadConfig(),
     progress: Progress | None = None,
@@ -197,7 +209,7 @@ def train_adapter(
     trainer_cls = DPOTrainer if cfg.method == "dpo" else SFTTrainer
     with quiet_renames():
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              peft_config=cfg.lora())
+                              peft_config=cfg.lora(), callbacks=[_step_reporter(progress)])
         say(progress, f"training a LoRA adapter ({cfg.method}, {len(dataset)} examples)")
         result = trainer.train()
     say(progress, f"trained {result.global_step} steps, loss {result.training_loss:.4f}")

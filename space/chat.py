@@ -65,6 +65,24 @@ def keep_edited(folder: Path, base_model: str) -> str:
     return key
 
 
+def suggestions(model_id: str, options: dict[str, Any] | None = None, count: int = 3) -> list[str]:
+    """Prompts worth asking both models: the job's held-out evaluation prompts, harmful then harmless
+    (for `demo`, questions on its refused and its ordinary topics, in phrasings it was not trained on).
+    Empty when the prompts cannot be read (the chat still works)."""
+    from pipeline import stages
+    from pipeline.cli_config import build_config
+
+    try:
+        prompts = stages.resolve_prompts(model_id, build_config(stages.PromptsConfig, options or {}))
+    except Exception:  # noqa: BLE001 - suggestions are a convenience, never a reason to fail
+        return []
+    picked: list[str] = []
+    for part in (prompts.harmful.evaluate, prompts.harmless.evaluate):
+        step = max(1, len(part) // count)  # spread over the set: neighbours often share a topic
+        picked += [str(p) for p in part[::step][:count]]
+    return picked
+
+
 def answer(loaded: Any, prompt: str, max_new_tokens: int | None = None) -> str:
     from pipeline.evaluate import generate
     from space.limits import Limits

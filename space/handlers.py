@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +18,15 @@ import gradio as gr
 
 from pipeline.errors import UserError
 from space import auth, chat, limits, policy
-from space.jobs import HEAVY, STAGES, JobRequest, JobResult, JobRunner, stage_of
+from space.joblog import JobLog, stage_html
+from space.jobs import HEAVY, JobRequest, JobResult, JobRunner
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("log", "summary", "directions", "strengths", "pareto", "card", "link", "stage", "chat_key")
+# The job endpoints' outputs, in order (named in the API by their components' labels; docs/API.md).
+OUTPUTS = ("log", "status", "stage", "summary", "directions", "strengths", "pareto", "download", "card", "link")
+STATES = ("chat_key", "job")  # per-session, not part of the API
+BUTTONS = {"abliterate": "Abliterate and publish", "dpo": "Tune (DPO) and publish", "steer": "Steer and publish"}
 _IMAGE_REF = re.compile(r"\]\(((?:directions|strengths|pareto)\.png)\)")
 
 
@@ -67,6 +70,7 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         options.update(data=(v.get("dpo_data") or "").strip(), max_steps=_number(v.get("dpo_steps"), int, "steps"),
                        learning_rate=_number(v.get("learning_rate"), float, "learning rate"),
                        lora_r=_number(v.get("lora_r"), int, "LoRA rank"), beta=_number(v.get("beta"), float, "beta"))
+        options["logging_steps"] = 1  # the log shows every step and its loss
     elif method == "steer":
         options.update(positive=(v.get("steer_positive") or "").strip(),
                        negative=(v.get("steer_negative") or "").strip(), k=_number(v.get("steer_k"), float, "k"))
@@ -118,74 +122,118 @@ def _image(data: bytes | None):
 def link_markdown(result: JobResult) -> str:
     if result.url:
         return f"### Published: [{result.repo_id}]({result.url})"
-    return "### Not published\nThe edited model was evaluated and then deleted; run again to publish it."
+    return (f"### Not published\nThe card below is written for `{result.repo_id}`. Download the result (a zip of "
+            "the model, its card and evaluation) to keep it; publishing with the same settings uploads this very "
+            "result (for about an hour).")
 
 
-def stage_html(stage: int, publish: bool = True) -> str:
-    """A progress bar over the job's stages (stays visible while the log streams)."""
-    total = len(STAGES) if publish else len(STAGES) - 1
-    if stage < 0:
-        label, done = "Waiting for a free slot", 0
-    elif stage >= total:
-        label, done = "Done", total
+def chosen_markdown(recipe: dict[str, Any]) -> str:
+    """What the automatic search chose, in words (empty for other jobs)."""
+    from pipeline.search import describe
+    from pipeline.stages import describe_layer
+
+    search = recipe.get("search")
+    if not search:
+        return ""
+    layers = len((recipe.get("strengths") or {}).get("attn") or []) or 1
+    front = search.get("pareto_front") or []
+    params = next((t.get("params") for t in front if t.get("number") == search.get("chosen_trial")), None)
+    try:
+        what = f"trial {search.get('chosen_trial')}: {describe(params)}"
+    except (KeyError, TypeError):  # a trial recorded without its parameters
+        what = f"trial {search.get('chosen_trial')}: {recipe.get('method')} edit"
+    where = describe_layer(recipe["layer"], layers) if isinstance(recipe.get("layer"), dict) else ""
+    return f"**Chosen by the search:** {what}" + (f"; {where}" if where else "")
+
+
+def chosen_settings(recipe: dict[str, Any]) -> dict[str, str]:
+    """The form values a search chose (edit method, depth fraction), to show in the settings."""
+    if not recipe.get("search"):
+        return {}
+    layer = recipe.get("layer") or {}
+    out = {"edit_method": str(recipe.get("method") or "")}
+    if isinstance(layer, dict) and isinstance(layer.get("fraction"), int | float):
+        out["layer"] = f"{layer['fraction']:.2f}"
+    return out
+
+
+def _out(**named: Any) -> tuple:
+    """One streamed update: the named outputs, every other one left as it is."""
+    return tuple(named[name] if name in named else gr.skip() for name in (*OUTPUTS, *STATES))
+
+
+def _job_state(log: JobLog, phase: str, **extra: Any) -> dict[str, Any]:
+    return {"phase": phase, "method": log.method, "publish": log.publish, "stage": log.stage, **extra}
+
+
+def _done(log: JobLog, result: JobResult) -> tuple:
+    summary = summary_markdown(result.eval)
+    chosen = chosen_markdown(result.recipe)
+    if result.url:
+        log.note(f"published: {result.url}")
+        status = f"**Done.** Published to [{result.repo_id}]({result.url})."
     else:
-        label, done = f"Stage {stage + 1} of {total}: {STAGES[stage][1]}", stage
-    width = round(100 * done / total)
-    track = "background:var(--neutral-200,#e5e7eb);border-radius:4px;height:10px;overflow:hidden"
-    fill = f"background:var(--color-accent,#f97316);height:10px;width:{width}%;transition:width .4s"
-    return (f'<div class="job-stage"><div style="margin-bottom:4px">{label}</div>'
-            f'<div style="{track}"><div style="{fill}"></div></div></div>')
+        log.note("done: nothing was published; the result is ready to download")
+        status = "**Done (not published).** Download the edited model below, read its card, or publish it."
+    state = _job_state(log, "done", base_model=result.base_model, suggestions=result.suggestions,
+                       chosen=chosen_settings(result.recipe), chat=bool(result.chat_key), kept=result.download)
+    charts = result.charts
+    return _out(log=log.text(), status=status, stage=stage_html(log, "done"),
+                summary=f"{chosen}\n\n{summary}" if chosen else summary,
+                directions=_image(charts.get("directions.png")), strengths=_image(charts.get("strengths.png")),
+                pareto=_image(charts.get("pareto.png")), download=result.download,
+                card=card_markdown(result.card, charts), link=link_markdown(result), chat_key=result.chat_key,
+                job=state)
 
 
-def final_outputs(log_text: str, result: JobResult) -> tuple:
-    pareto = result.charts.get("pareto.png")
-    return (log_text, summary_markdown(result.eval), _image(result.charts.get("directions.png")),
-            _image(result.charts.get("strengths.png")),
-            gr.update(value=_image(pareto), visible=bool(pareto)),
-            card_markdown(result.card, result.charts), link_markdown(result), stage_html(len(STAGES)),
-            result.chat_key)
+def _failed(log: JobLog, reason: str) -> Iterator[tuple]:
+    """Show the failure on the page (status, stage bar, log kept), then end the event with it as the error."""
+    where = log.stage_label().lower() if log.stage >= 0 else "before the job started"
+    log.note(f"failed during {where}: {reason}" if log.stage >= 0 else f"failed {where}: {reason}")
+    yield _out(log=log.text(), status=f"**Failed** ({where}): {reason}", stage=stage_html(log, "failed", reason),
+               job=_job_state(log, "failed"))
+    # Not shown as a toast (the page says it); API callers get the one line as the error.
+    raise gr.Error(reason, visible=False, print_exception=False)
 
 
-def _skip(log_text: str | None = None, stage: str | None = None) -> tuple:
-    values = {"log": log_text, "stage": stage}
-    return tuple(gr.skip() if values.get(name) is None else values[name] for name in OUTPUTS)
-
-
-def stream(publish: bool, values: dict[str, Any], oauth_token: Any, progress: Any) -> Iterator[tuple]:
-    """Run one job and stream (log, summary, charts, card, link, chat key) as it goes."""
+def stream(publish: bool, values: dict[str, Any], oauth_token: Any) -> Iterator[tuple]:
+    """Run one job; stream the log and stage, then its outcome: done, failed or cancelled."""
     field_token = values.pop("hf_token", None)
+    last = values.pop("job", None) or {}  # this session's previous job (server-side state, never the caller's)
+    log = JobLog(str(values.get("method") or "abliterate"), publish)
     try:
         method, options = build_options(values)
+        log.method = method
         model_id = policy.check_model(str(values.get("model_id") or "").strip() or "demo")
         # Resolved for unpublished runs too: the job reads the Hub as this user (their private models load,
         # nobody else's do); None means anonymous reads.
         token = auth.resolve_token(oauth_token, field_token)
-        request = JobRequest(model_id, values.get("repo_id"), method,
-                             bool(values.get("private")), publish, options, token=token)
+        request = JobRequest(model_id, values.get("repo_id"), method, bool(values.get("private")), publish,
+                             options, token=token, kept=last.get("kept") if last.get("phase") == "done" else None)
         runner = JobRunner(request, keep_for_chat=chat.keep_edited).start()
     except UserError as err:
-        raise gr.Error(str(err), print_exception=False) from None
-    lines: list[str] = []
-    stage, start = -1, time.monotonic()
-    progress(0.0, desc="Starting")
-    yield ("", "", None, None, gr.update(value=None, visible=False), "", "", stage_html(-1), gr.skip())
+        yield from _failed(log, str(err))
+        return
+    what = "publish" if publish else "dry run"
+    yield _out(log="", status=f"**Running** ({what}): {model_id}, {method}.", stage=stage_html(log, "waiting"),
+               summary="", directions=None, strengths=None, pareto=None, download=None, card="", link="",
+               job=_job_state(log, "running"))
     try:
         for kind, value in runner.events():
             if kind == "log":
-                lines.append(f"[{time.monotonic() - start:6.1f}s] {value}")
-                new = stage_of(value)
-                changed = new is not None and new > stage
+                changed = log.add(value)  # the stage, or its detail (trial, step), moved on
+                update = {"log": log.text()}
                 if changed:
-                    stage = new
-                    desc = STAGES[stage][1] if stage < len(STAGES) else "Done"
-                    progress(min(stage, len(STAGES)) / len(STAGES), desc=desc)
-                yield _skip("\n".join(lines), stage_html(max(stage, 0), publish) if changed or stage < 0 else None)
+                    update.update(stage=stage_html(log), job=_job_state(log, "running"))
+                yield _out(**update)
             elif kind == "result":
-                yield final_outputs("\n".join(lines), value)
+                yield _done(log, value)
+            elif kind == "failed":
+                yield from _failed(log, value)
+            elif kind == "cancelled":  # the worker saw the cancel before the page did
+                yield cancel_job(_job_state(log, "running"), log.text())
             else:
-                yield _skip()
-    except UserError as err:
-        raise gr.Error(str(err), print_exception=False) from None
+                yield _out()
     finally:
         runner.cancel()  # no-op after the end; stops the worker when the page cancelled or left
 
@@ -197,8 +245,8 @@ def abliterate_and_publish(
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
-    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
-    oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress(),
+    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,
+    oauth_token: gr.OAuthToken | None = None,
 ) -> Iterator[tuple]:
     """Abliterate (or tune) the model, evaluate it, write its card and publish it to the Hub.
 
@@ -211,9 +259,11 @@ def abliterate_and_publish(
         max_new_tokens: tokens generated per evaluation prompt.
         extra_options: JSON object of allowed stage settings (space/policy.py), e.g. {"select_prompts": 8}.
         hf_token: a write token (locally); on a Space, sign in instead.
+        job: the session's last job (server-side state, not an API input): a publish after a dry run with
+            the same settings uploads the dry run's result instead of making it again.
     """
-    values = {k: v for k, v in locals().items() if k not in ("oauth_token", "progress")}
-    yield from stream(True, values, oauth_token, progress)
+    values = {k: v for k, v in locals().items() if k != "oauth_token"}
+    yield from stream(True, values, oauth_token)
 
 
 def run_without_publishing(
@@ -223,20 +273,22 @@ def run_without_publishing(
     mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
-    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "",
-    oauth_token: gr.OAuthToken | None = None, progress: gr.Progress = gr.Progress(),
+    max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,
+    oauth_token: gr.OAuthToken | None = None,
 ) -> Iterator[tuple]:
     """The same job without the upload: evaluate the edit and read its card first."""
-    values = {k: v for k, v in locals().items() if k not in ("oauth_token", "progress")}
-    yield from stream(False, values, oauth_token, progress)
+    values = {k: v for k, v in locals().items() if k != "oauth_token"}
+    yield from stream(False, values, oauth_token)
 
 
-def chat_turn(message: str, model_id: str, chat_key: str | None, left: list | None, right: list | None):
+def chat_turn(message: str, chat_key: str | None, left: list | None, right: list | None):
     """Send one message to the original and the edited model of this session's last job.
 
-    `model_id` (the model field) is not used: the chat answers with the two models that this
-    session's own job loaded, never with a model named by the caller.
+    The chat answers with the two models that this session's own job loaded, never with a model named
+    by the caller. An empty message changes nothing.
     """
+    if not (message or "").strip():
+        return "", left or [], right or []
     try:
         with HEAVY:
             base, edited = chat.replies(message, chat_key)
@@ -246,6 +298,44 @@ def chat_turn(message: str, model_id: str, chat_key: str | None, left: list | No
     left = [*(left or []), user, {"role": "assistant", "content": base}]
     right = [*(right or []), user, {"role": "assistant", "content": edited}]
     return "", left, right
+
+
+def cancel_job(job: dict[str, Any] | None, log_text: str | None) -> tuple:
+    """(status, stage, log, job) after Cancel: said once, and only when a job was running."""
+    if not job or job.get("phase") != "running":
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    log = JobLog(job["method"], job["publish"], lines=(log_text or "").splitlines(), stage=job["stage"])
+    where = log.stage_label().lower() if log.stage >= 0 else "while waiting for a free slot"
+    log.note(f"cancelled by you ({where}): nothing was published")
+    return (f"**Cancelled** ({where}). Nothing was published.", stage_html(log, "cancelled"), log.text(),
+            _job_state(log, "cancelled"))
+
+
+def follow_job(job: dict[str, Any] | None) -> tuple:
+    """After a job: the settings a search chose, the chat's suggestions, labels and whether it can be used."""
+    job = job or {}
+    if job.get("phase") != "done":
+        return (gr.skip(),) * 7
+    chosen, ready = job.get("chosen") or {}, bool(job.get("chat"))
+    samples = [[p] for p in job.get("suggestions") or []]
+    return (
+        gr.update(value=chosen["edit_method"]) if chosen.get("edit_method") else gr.skip(),
+        gr.update(value=chosen["layer"]) if chosen.get("layer") else gr.skip(),
+        gr.Dataset(samples=samples) if samples else gr.skip(),
+        gr.update(value=[], label=f"Original: {job.get('base_model')}"),
+        gr.update(value=[], label=f"Edited ({job.get('method')})"),
+        gr.update(interactive=ready, placeholder="Ask both models something" if ready else
+                  "The chat is unavailable for this job"),
+        gr.update(interactive=ready),
+    )
+
+
+def follow_method(method: str, mode: str, model_id: str = "demo") -> tuple:
+    """(button, repo placeholder, direction chart, strength chart, Pareto chart) for the chosen method tab."""
+    ablit = method == "abliterate"
+    return (gr.update(value=BUTTONS.get(method, BUTTONS["abliterate"])),
+            gr.update(placeholder=auth.default_repo("your-name", (model_id or "").strip() or "demo", method)),
+            gr.update(visible=ablit), gr.update(visible=ablit), gr.update(visible=ablit and mode == "search"))
 
 
 def who(field_token: str | None, model_id: str, method: str, repo_id: str,
@@ -276,7 +366,3 @@ def retarget(model_id: str, method: str, repo_id: str) -> str:
 
 def suggest(data: gr.KeyUpData) -> Any:
     return gr.update(choices=auth.suggest_models(data.input_value))
-
-
-def cancelled() -> str:
-    return "Cancelled. A job stopped before its publishing step published nothing."

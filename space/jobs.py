@@ -1,45 +1,42 @@
 """One Space job: run `pipeline.run.run_job` in its own temporary folder, on a worker thread.
 
-The UI consumes `JobRunner.events()`: log lines as they come, then the result. Every job
+The UI consumes `JobRunner.events()`: log lines as they come, then the outcome (a result, a
+failure in one line, or a cancellation). Every job
 holds `HEAVY` while it runs, so even a job whose page was cancelled (its worker stops at the
 next stage boundary) never overlaps the next one. Cancelling raises `Cancelled` inside the
 worker at its next progress message; publishing is the last step, so a job cancelled before
 it publishes nothing. The working folder is a `tempfile.TemporaryDirectory`, removed when the
 job ends however it ends. The user's token lives only in the request object (never in its
 repr), is passed to `run_job` (which reads the Hub with it, or anonymously without one) and is
-scrubbed from every log line. A Hub model's size is checked against space/limits.py before
+scrubbed from every log line, like the job's server folder. A dry run keeps its result as a zip
+(space/results.py) for the user to download. A Hub model's size is checked against space/limits.py before
 anything is downloaded; afterwards a private model leaves the download cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AuthError, UserError
+from pipeline.output import RECORDED_COMMAND
 from pipeline.push import scrub
 from pipeline.sources import is_hub_id
-from space import auth, limits
+from space import auth, chat, limits, results
 
 log = logging.getLogger(__name__)
 
 HEAVY = threading.Lock()  # one job (or chat generation) on the hardware at a time
 WORK_PREFIX = "abliterator-job-"
 CHARTS = ("directions.png", "strengths.png", "pareto.png")
-STAGES = (
-    ("load", "Loading the model", ("loading ",)),
-    ("measure", "Measuring refusal directions", ("measuring", "reusing directions", "direction")),
-    ("edit", "Editing / training", ("editing", "training", "search", "trial", "saving the chosen", "wrote ")),
-    ("evaluate", "Evaluating", ("evaluating",)),
-    ("card", "Writing the model card", ("writing the model card",)),
-    ("push", "Publishing", ("publishing", "uploading")),
-)
 
 
 class Cancelled(BaseException):  # noqa: N818 - like KeyboardInterrupt: not caught by `except Exception`
@@ -55,6 +52,7 @@ class JobRequest:
     publish: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
+    kept: str | None = None  # this session's last dry-run zip: reused by a publish with the same settings
 
 
 @dataclass
@@ -66,17 +64,10 @@ class JobResult:
     charts: dict[str, bytes]
     workdir: str
     chat_key: str | None = None
-
-
-def stage_of(message: str) -> int | None:
-    """Index in STAGES of the stage a progress message belongs to (None: no stage change)."""
-    text = message.strip().lower()
-    if text.startswith("published"):
-        return len(STAGES)
-    for i, (_, _, keys) in enumerate(STAGES):
-        if text.startswith(keys):
-            return i
-    return None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    download: str | None = None  # a dry run's result as a zip
+    base_model: str = ""
+    suggestions: list[str] = field(default_factory=list)  # the job's own evaluation prompts, for the chat
 
 
 def check_publish(request: JobRequest) -> None:
@@ -95,7 +86,7 @@ def resolve_repo(request: JobRequest) -> JobRequest:
     from pipeline.push import check_repo_id, hub_error
 
     if not request.publish:
-        return request
+        return _dry_run_target(request)
     try:
         me = HfApi(token=request.token).whoami()
     except Exception as err:  # noqa: BLE001 - any Hub failure becomes one line
@@ -106,8 +97,30 @@ def resolve_repo(request: JobRequest) -> JobRequest:
     if repo_id.split("/")[0] not in allowed:
         raise AuthError(f"{me.get('name')} cannot publish to {repo_id!r}: use your name or one of your "
                         f"organisations ({', '.join(sorted(a for a in allowed if a))})")
-    return JobRequest(request.model_id, repo_id, request.method, request.private, True, request.options,
-                      request.token)
+    return dataclasses.replace(request, repo_id=repo_id)
+
+
+def _dry_run_target(request: JobRequest) -> JobRequest:
+    """The repo a dry run's card names: the one given, else the user's default, else a placeholder."""
+    from pipeline.push import check_repo_id
+
+    repo_id = (request.repo_id or "").strip()
+    try:
+        check_repo_id(repo_id)
+    except UserError:
+        user = auth.user_name(request.token) if request.token else None
+        repo_id = auth.default_repo(user or "your-name", request.model_id, request.method)
+    return dataclasses.replace(request, repo_id=repo_id)
+
+
+@contextmanager
+def recorded_command(command: str) -> Iterator[None]:
+    """Record `command` as the job's command line (the recipe and the card's "How to reproduce it")."""
+    token = RECORDED_COMMAND.set(command)
+    try:
+        yield
+    finally:
+        RECORDED_COMMAND.reset(token)
 
 
 def _run_job_module():
@@ -117,9 +130,13 @@ def _run_job_module():
 
 
 def _collect(out: Path, summary: dict[str, Any]) -> JobResult:
+    from pipeline.output import RECIPE_FILE, read_json
+
     charts = {name: (out / name).read_bytes() for name in CHARTS if (out / name).is_file()}
     card = (out / "README.md").read_text(encoding="utf-8") if (out / "README.md").is_file() else ""
-    return JobResult(summary["eval"], summary.get("url"), summary.get("repo_id"), card, charts, str(out.parent))
+    recipe = read_json(out / RECIPE_FILE) if (out / RECIPE_FILE).is_file() else {}
+    return JobResult(summary["eval"], summary.get("url"), summary.get("repo_id"), card, charts, str(out.parent),
+                     recipe=recipe)
 
 
 def _check_size(request: JobRequest, progress: Callable[[str], None], caps: limits.Limits) -> Any:
@@ -162,10 +179,15 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
     """
     from pipeline.hub_token import reading_as
 
+    folders: list[tuple[str, str]] = []  # (server path, what the log says instead), longest first
+
     def progress(message: str) -> None:
         if cancel.is_set():
             raise Cancelled
-        say(scrub(str(message), request.token))
+        text = scrub(str(message), request.token)
+        for path, name in folders:
+            text = text.replace(path, name)
+        say(text)
 
     if not HEAVY.acquire(blocking=False):
         say("waiting for the previous job to stop")
@@ -174,14 +196,25 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
     read_token: str | bool = request.token or False
     try:
         request = resolve_repo(request)
-        target = request.repo_id if request.publish else "not published"
+        target = request.repo_id if request.publish else f"not published (card written for {request.repo_id})"
         progress(f"job: {request.model_id} -> {request.method} -> {target}")
         info = _check_size(request, progress, caps)
         with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as tmp:
-            progress(f"working folder: {tmp}")
             job = _make_job(request, tmp)
-            summary = _run_job_module().run_job(job, progress, read_token)
+            folders[:] = [(str(job.output_dir()), "the result"), (tmp, "the job folder")]
+            command = results.reproduce_command(request.model_id, request.method, request.repo_id,
+                                                request.private, request.options)
+            if request.publish and request.kept and results.unpack(request.kept, job.output_dir(), command):
+                say("found the result of your dry run: it is published if the settings are the same")
+            with recorded_command(command):
+                summary = _run_job_module().run_job(job, progress, read_token)
             result = _collect(job.output_dir(), summary)
+            result.base_model = request.model_id
+            with reading_as(read_token):
+                result.suggestions = chat.suggestions(request.model_id, request.options)
+            if not request.publish:
+                say("packing the result for download")
+                result.download = str(results.pack(job.output_dir(), request.repo_id.split("/")[-1]))
             if keep_for_chat is not None and not cancel.is_set():
                 say("loading the original and the edited model for the chat")
                 try:
@@ -214,13 +247,13 @@ class JobRunner:
         except Cancelled:
             self._queue.put(("cancelled", None))
         except UserError as err:
-            self._queue.put(("error", err))
+            self._queue.put(("failed", scrub(str(err), self.request.token)))
         except ImportError as err:
-            self._queue.put(("error", UserError(f"{self.request.method} is not available in this build ({err})")))
+            self._queue.put(("failed", f"{self.request.method} is not available in this build ({err})"))
         except Exception as err:  # noqa: BLE001 - reported as one line, logged for the operator
             log.error("job failed: %s: %s", type(err).__name__, scrub(str(err), self.request.token))
             detail = scrub(str(err), self.request.token)
-            self._queue.put(("error", UserError(f"unexpected error ({type(err).__name__}): {detail}")))
+            self._queue.put(("failed", f"unexpected error ({type(err).__name__}): {detail}"))
 
     def start(self) -> JobRunner:
         check_publish(self.request)
@@ -231,19 +264,17 @@ class JobRunner:
         self.cancel_event.set()
 
     def events(self, poll_s: float = 0.25) -> Iterator[tuple[str, Any]]:
-        """Log lines as they come, then the outcome: ("result", JobResult); errors are raised as UserError."""
+        """("log", line) as they come, ("tick", None) while quiet, then the outcome: ("result", JobResult),
+        ("failed", one-line reason) or ("cancelled", None)."""
         while True:
             try:
                 kind, value = self._queue.get(timeout=poll_s)
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise UserError("the job stopped without a result") from None
+                    yield "failed", "the job stopped without a result"
+                    return
                 yield "tick", None
                 continue
-            if kind == "error":
-                raise value
-            if kind == "cancelled":
-                raise UserError("cancelled: nothing was published")
             yield kind, value
-            if kind == "result":
+            if kind != "log":
                 return

@@ -143,16 +143,19 @@ def test_one_click_publishes_to_the_signed_in_users_repo(app, hub, work_root, ru
     demo, url = app
     job = _submit(_client(url, ALICE_TOKEN), repo_id="", private=True)  # empty repo: the default name
     out = job.result(timeout=600)
-    log_text, summary, directions, strengths, pareto, card, link, stage = out
-    assert "Done" in stage
+    log_text, status, stage, summary, directions, strengths, pareto, download, card, link = out
+    assert "Done" in stage and 'data-phase="done"' in stage and status.startswith("**Done.**")
+    assert download is None  # published: nothing to download
     assert "alice/demo-abliterated" in link and hub.url in link
     assert hub.repo("alice/demo-abliterated").private
     _assert_published(hub, "alice/demo-abliterated")
     assert "Refusal rate" in summary and "| Metric | Base | This model |" in summary
     assert Path(directions).is_file() and Path(strengths).is_file()
-    assert pareto is None or pareto.get("value") is None  # no search, no Pareto chart
+    assert pareto is None  # no search, no Pareto chart
     assert "data:image/png;base64," in card and not card.startswith("---")
     assert "publishing to alice/demo-abliterated" in log_text and "published:" in log_text
+    assert "abliterator-job-" not in log_text and "/tmp" not in log_text  # no server paths
+    assert "direction from layer" in log_text and log_text.count("measuring refusal directions") == 1
 
     streamed, printed = _streamed_log(job), capfd.readouterr()
     lines = [r.getMessage() for r in log_records] + streamed.splitlines() + (printed.out + printed.err).splitlines()
@@ -172,18 +175,71 @@ def test_signed_out_publishing_is_refused_and_creates_nothing(app, hub, runs):
     assert runs == []
 
 
-def test_run_without_publishing_sends_nothing_then_chats_with_both_models(app, hub, work_root):
+def test_run_without_publishing_sends_nothing_keeps_the_result_then_chats_with_both_models(app, hub, work_root):
+    import zipfile
+
+    from safetensors.numpy import load
+
+    from pipeline.demo import demo_path
+
     demo, url = app
     with pytest.raises(Exception, match="run a job first"):
-        _client(url).predict("What happened in 1989?", "demo", [], [], api_name="/chat")
+        _client(url).predict("What happened in 1989?", [], [], api_name="/chat")
+    assert _client(url).predict("  ", [], [], api_name="/chat") == ("", [], [])  # an empty message: nothing
     client = _client(url)  # one session: the chat uses the model this session's job edited
-    out = _submit(client, api_name="/run_without_publishing").result(timeout=600)
-    assert "Not published" in out[6] and "Refusal rate" in out[1]
+    out = _submit(client, api_name="/run_without_publishing", repo_id="").result(timeout=600)
+    log_text, status, stage, summary, _, _, pareto, download, card, link = out
+    assert "Not published" in link and "Refusal rate" in summary and 'data-phase="done"' in stage
     assert not hub.repos and not [p for _, p in hub.requests_log if p.startswith("/api/repos")]
     assert not _job_workdirs(work_root)
-    box, left, right = client.predict("Tell me about the Eiffel Tower.", "demo", [], [], api_name="/chat")
+    # The card reads as the published one would: the target repo in the snippet, the command filled in.
+    assert 'model_id = "your-name/demo-abliterated"' in card and "(not recorded)" not in card
+    assert "python -m pipeline run demo --method abliterate --repo-id your-name/demo-abliterated" in card
+    # The download holds the edited model, its card and its evaluation: the same numbers as the page.
+    with zipfile.ZipFile(download) as zf:
+        names = set(zf.namelist())
+        assert {"demo-abliterated/model.safetensors", "demo-abliterated/README.md"} <= names
+        assert not [n for n in names if "/." in n], "hidden work files in the download"
+        results = json.loads(zf.read("demo-abliterated/eval_results.json"))
+        edited = load(zf.read("demo-abliterated/model.safetensors"))
+        assert zf.read("demo-abliterated/README.md").decode().count("your-name/demo-abliterated") >= 2
+    assert f"{100 * results['refusal_rate']['model']:.1f}%" in summary.split("\n")[0]
+    base = load((demo_path() / "model.safetensors").read_bytes())
+    changed = [k for k in base if k in edited and not (base[k] == edited[k]).all()]
+    assert set(edited) == set(base) and changed, "the download is not the edited model"
+    box, left, right = client.predict("Tell me about the Eiffel Tower.", [], [], api_name="/chat")
     assert box == "" and [m["role"] for m in left] == ["user", "assistant"] == [m["role"] for m in right]
     assert left[1]["content"] and right[1]["content"]
+
+
+def test_publishing_after_a_dry_run_uploads_the_kept_result_when_the_settings_match(app, hub):
+    import zipfile
+
+    demo, url = app
+    client = _client(url, ALICE_TOKEN)  # one session: the dry run's result is kept for it
+
+    def dry_run() -> bytes:
+        out = _submit(client, api_name="/run_without_publishing", repo_id="alice/kept-abliterated").result(timeout=600)
+        with zipfile.ZipFile(out[7]) as zf:
+            return zf.read("kept-abliterated/model.safetensors")
+
+    weights = dry_run()
+    assert not hub.repos
+    # Other settings than the dry run's: the model is made again, not the kept one.
+    other = _submit(client, repo_id="alice/kept-abliterated", preset="aggressive").result(timeout=600)
+    assert "found the result of your dry run" in other[0] and "measuring refusal directions" in other[0]
+    assert hub.files("alice/kept-abliterated")["model.safetensors"] != weights
+
+    weights = dry_run()
+    out = _submit(client, repo_id="alice/kept-abliterated").result(timeout=600)
+    log_text, status = out[0], out[1]
+    assert status.startswith("**Done.**") and "reusing the edited model" in log_text
+    assert "measuring" not in log_text and "evaluating" not in log_text  # nothing made again
+    files = _assert_published(hub, "alice/kept-abliterated")
+    assert files["model.safetensors"] == weights  # the very weights the user downloaded and read about
+    card = files["README.md"].decode()
+    assert "python -m pipeline run demo --method abliterate --repo-id alice/kept-abliterated" in card
+    assert 'model_id = "alice/kept-abliterated"' in card and "your-name" not in card
 
 
 def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub, work_root, runs, log_records):
@@ -191,7 +247,7 @@ def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub,
     job_a = _submit(_client(url, ALICE_TOKEN), repo_id="alice/first-abliterated")
     job_b = _submit(_client(url, BOB_TOKEN), repo_id="bob/second-abliterated")
     out_a, out_b = job_a.result(timeout=900), job_b.result(timeout=900)
-    assert "alice/first-abliterated" in out_a[6] and "bob/second-abliterated" in out_b[6]
+    assert "alice/first-abliterated" in out_a[9] and "bob/second-abliterated" in out_b[9]
     _assert_published(hub, "alice/first-abliterated")
     _assert_published(hub, "bob/second-abliterated")
 
@@ -204,7 +260,7 @@ def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub,
     assert tokens == {"alice/first-abliterated": ALICE_TOKEN, "bob/second-abliterated": BOB_TOKEN}
 
     log_a, log_b = _streamed_log(job_a), _streamed_log(job_b)
-    assert str(first["workdir"]) in (log_a if first["repo"].startswith("alice") else log_b)
+    assert str(first["workdir"]) not in log_a + log_b  # the log names no server folder
     for text in (log_a, log_b, *(r.getMessage() for r in log_records)):
         assert ALICE_TOKEN not in text and BOB_TOKEN not in text
     assert "bob/" not in log_a and "alice/" not in log_b
@@ -235,7 +291,7 @@ def test_cancel_before_publishing_publishes_nothing(app, hub, work_root, monkeyp
     demo, url = app
     job = _submit(_client(url, ALICE_TOKEN), repo_id="alice/cancelled-abliterated")
     deadline = time.monotonic() + 300
-    while "working folder" not in _streamed_log(job) and time.monotonic() < deadline:
+    while "loading demo" not in _streamed_log(job) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _job_workdirs(work_root), "the job did not start"
     job.cancel()
@@ -248,15 +304,27 @@ def test_cancel_before_publishing_publishes_nothing(app, hub, work_root, monkeyp
     assert not _job_workdirs(work_root), "the cancelled job's folder was left behind"
 
 
-def test_errors_reach_the_user_as_one_readable_line(app, hub, work_root):
+def _last_outputs(job) -> list:
+    """The outputs the page shows last (also after an error ended the event)."""
+    return [out for out in job.outputs() if isinstance(out, (list, tuple))][-1]
+
+
+def test_errors_stay_on_the_page_as_one_readable_line(app, hub, work_root):
     from gradio_client.exceptions import AppError
 
     demo, url = app
     client = _client(url, ALICE_TOKEN)
+    job = _submit(client, api_name="/run_without_publishing", model_id="alice/no-such-model")
     with pytest.raises(AppError) as err:
-        _submit(client, api_name="/run_without_publishing", model_id="alice/no-such-model").result(timeout=120)
+        job.result(timeout=120)
     message = str(err.value).strip()
     assert "alice/no-such-model" in message and "Traceback" not in message and "\n" not in message
+    # The page keeps the failure: a status line, the stage bar ended as failed, the log kept.
+    log_text, status, stage = _last_outputs(job)[:3]
+    assert status.startswith("**Failed**") and message in status
+    assert 'data-phase="failed"' in stage and "Failed at stage 1 of 5: Loading the model" in stage
+    assert log_text.splitlines()[-1].startswith("failed during loading the model: ")
+    assert message in log_text.splitlines()[-1]
     with pytest.raises(AppError, match="not valid JSON"):
         _submit(client, extra_options="{oops").result(timeout=120)
     with pytest.raises(AppError, match="cannot publish to 'bob/x'"):
@@ -264,12 +332,16 @@ def test_errors_reach_the_user_as_one_readable_line(app, hub, work_root):
     assert not hub.repos and not _job_workdirs(work_root)
 
 
-def test_automatic_search_shows_the_pareto_chart(app, hub):
+def test_automatic_search_shows_the_pareto_chart_and_what_it_chose(app, hub):
     demo, url = app
     out = _submit(_client(url), api_name="/run_without_publishing", mode="search", trials=2).result(timeout=900)
-    chart = out[4]["value"] if isinstance(out[4], dict) else out[4]
-    chart = chart["path"] if isinstance(chart, dict) else chart
-    assert out[4]["visible"] and Path(chart).is_file() and Path(chart).stat().st_size > 1000
+    log_text, summary, chart = out[0], out[3], out[6]
+    assert Path(chart).is_file() and Path(chart).stat().st_size > 1000
+    assert "**Chosen by the search:** trial " in summary and "of the depth" in summary
+    trials = [line for line in log_text.splitlines() if line.startswith("trial ")]
+    assert [line.split(":")[0] for line in trials] == ["trial 0 (1 of 2)", "trial 1 (2 of 2)"]
+    assert all("best so far: trial" in line for line in trials)
+    assert "|---|" not in log_text and ".journal" not in log_text
 
 
 @pytest.mark.parametrize("settings", [
@@ -280,7 +352,11 @@ def test_automatic_search_shows_the_pareto_chart(app, hub):
 def test_tuning_methods_run_from_the_space(app, hub, settings):
     demo, url = app
     out = _submit(_client(url), api_name="/run_without_publishing", **settings).result(timeout=900)
-    assert "Refusal rate" in out[1] and "Not published" in out[6]
+    log_text, summary, link = out[0], out[3], out[9]
+    assert "Refusal rate" in summary and "Not published" in link and out[4] is None and out[6] is None
+    if settings["method"] == "dpo":  # training reports each step and its loss as it goes
+        steps = [line.split(",")[0] for line in log_text.splitlines() if line.startswith("training step")]
+        assert steps == ["training step 1 of 2", "training step 2 of 2"]
 
 
 def test_queue_is_bounded_and_heavy_events_share_one_slot(app):
@@ -296,10 +372,26 @@ def test_queue_is_bounded_and_heavy_events_share_one_slot(app):
     assert all(fn.concurrency_limit == 1 for fn in heavy)
 
 
+def test_the_api_names_its_outputs_and_types_its_inputs(app):
+    from gradio_client import Client
+
+    demo, url = app
+    info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(info) == {"/abliterate_and_publish", "/run_without_publishing", "/chat"}
+    for name in ("/abliterate_and_publish", "/run_without_publishing"):
+        returns = [r["label"] for r in info[name]["returns"]]
+        assert returns == ["Log", "Outcome", "Stage", "Evaluation", "Refusal direction per layer",
+                           "Edit strength per layer", "Pareto front of the search", "Edited model (zip, dry run)",
+                           "Model card", "Repository"]
+        types = {p["parameter_name"]: p["python_type"]["type"] for p in info[name]["parameters"]}
+        assert types["model_id"] == "str" and types["trials"] == types["dpo_steps"] == "int"
+    assert [p["parameter_name"] for p in info["/chat"]["parameters"]] == ["message", "left", "right"]
+    assert not [r for e in info.values() for r in e["returns"] if r["label"].startswith("value_")]
+
+
 def test_helpers_parse_settings_and_fill_defaults():
     from pipeline.errors import UserError
     from space import auth, handlers
-    from space.jobs import stage_of
 
     method, opts = handlers.build_options({"method": "abliterate", "mode": "search", "trials": 7,
                                            "max_new_tokens": 16, "extra_options": '{"target": 0.2}'})
@@ -318,9 +410,6 @@ def test_helpers_parse_settings_and_fill_defaults():
     assert handlers.retarget("org/Other", "dpo", "alice/demo-abliterated") == "alice/Other-dpo"
     assert handlers.retarget("org/Other", "dpo", "alice/my-name") == "alice/my-name"
     assert auth.suggest_models("de")[0] == "demo"  # the local Hub has no model search: errors are ignored
-    assert [stage_of(m) for m in ("loading demo", "measuring refusal directions", "editing weights",
-                                  "evaluating the base model", "writing the model card", "publishing to a/b",
-                                  "published: http://x", "job: demo")] == [0, 1, 2, 3, 4, 5, 6, None]
     assert "hf_" not in repr(__import__("space.jobs").jobs.JobRequest("demo", None, token=ALICE_TOKEN))
 
 

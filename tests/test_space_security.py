@@ -47,8 +47,12 @@ def _settings(**overrides):
 
 
 def _first(generator):
-    """Run an endpoint function up to its first output (the checks happen before the job starts)."""
-    return next(iter(generator))
+    """Run an endpoint function to its end: these checks fail it before any job starts (the page shows
+    the failure first, then the event ends with it as the error)."""
+    outputs = []
+    for output in generator:
+        outputs.append(output)
+    return outputs
 
 
 # ------------------------------------------------------------------ settings
@@ -244,11 +248,11 @@ def test_the_chat_uses_only_the_models_of_the_users_own_job(space, hub, private_
     for name, data in _model_files(tmp_path, "e").items():
         (edited / name).write_bytes(data)
     with pytest.raises(Exception, match="run a job first"):
-        handlers.chat_turn("hello", private_model, None, [], [])
+        handlers.chat_turn("hello", None, [], [])
     with reading_as(BOB_TOKEN):  # bob's job: his base model is a local tiny one here, loaded inside the job
         key = chat.keep_edited(edited, str(edited))
     hub.requests_log.clear()
-    box, left, right = handlers.chat_turn("hello", private_model, key, [], [])  # a model id in the call is ignored
+    box, left, right = handlers.chat_turn("hello", key, [], [])  # the chat takes no model id at all
     assert box == "" and left[-1]["role"] == right[-1]["role"] == "assistant"
     assert not [path for _, path in hub.requests_log if "private-model" in path]
 
