@@ -547,7 +547,7 @@ def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stag
     edit, spec = to_edit(result.chosen.params, job.edit)
     direction, layer = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
-    summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": str(path),
+    summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": path.name,  # name only: published
                "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()}}
     if default is not None and default.number != result.chosen.number:
         say("evaluating the plain edit on the test prompts, for comparison")
