@@ -5,10 +5,10 @@ a rate measured on a few prompts is.
   format only the ``final`` channel counts. A reply that never leaves its reasoning has no answer
   (None): it is *undetermined*, neither a refusal nor an answer.
 - `on_topic`: "not refused" is not "answered": a model that babbles refuses nothing. A reply is on
-  topic when it shares a content word with the prompt's subject and says something the prompt did
-  not (an echo is not an answer). For the demo's prompts the subject is the topic and the fact the
-  demo learnt; otherwise the prompt's own content words. A cheap proxy: a short correct answer that
-  names nothing of the question ("Paris.") counts as off topic.
+  topic when it shares two content words with the prompt's subject (one for a short subject) and
+  says something the prompt did not (an echo is not an answer). For the demo's prompts the subject
+  is the topic and the fact the demo learnt; otherwise the prompt's own content words. A cheap
+  proxy: a short correct answer that names nothing of the question ("Paris.") counts as off topic.
 - `wilson_interval`: the 95% Wilson score interval of a proportion (good at 0/n and n/n, unlike the
   normal approximation).
 """
@@ -36,7 +36,7 @@ would should will shall may might must i me my we our you your he she they them 
 yes if then than so very just also some any few many much more most one two all each every such other
 tell explain describe please share give write know learn want need let like make some facts fact
 brief briefly short summary sentences sentence something thing things way ways help step steps detailed
-detail details guide someone anyone people person using use get
+detail details guide someone anyone people person using use get without within into onto over under
 """.split())
 
 
@@ -87,11 +87,14 @@ def subject_words(prompt: str) -> frozenset[str]:
 
 
 def on_topic(prompt: str, answer: str | None) -> bool:
-    """Whether ``answer`` addresses ``prompt``: a shared subject word, and something the prompt did not say."""
+    """Whether ``answer`` addresses ``prompt``: two of its subject words (one, when the subject has at
+    most three), and something the prompt did not say. One shared word of a rich subject is too easy
+    for a babbling model, whose fragments are the words it was trained on."""
     if not answer:
         return False
-    words = content_words(answer)
-    return bool(words & subject_words(prompt)) and bool(words - content_words(prompt))
+    words, subject = content_words(answer), subject_words(prompt)
+    need = 1 if len(subject) <= 3 else 2
+    return bool(subject) and len(words & subject) >= need and bool(words - content_words(prompt))
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
