@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.chat import batched, encode_batch, format_prompts, input_device, prepare_tokenizer
+from pipeline.chat import batched, encode_batch, format_prompts, input_device, prepare_tokenizer, think_prefill
 from pipeline.errors import UserError
 from pipeline.replies import UNDETERMINED, answer_of, on_topic, rates
 
@@ -341,10 +341,11 @@ class BaseReference:
     model_id: str | None = None
 
 
-def _settings(model: Any, cfg: EvalConfig) -> dict[str, Any]:
+def _settings(model: Any, tokenizer: Any, cfg: EvalConfig) -> dict[str, Any]:
     size = cfg.batch_size or auto_batch_size(model)
+    prefill = think_prefill(tokenizer) if cfg.prefill_think else ""
     return {"max_new_tokens": cfg.max_new_tokens, "do_sample": False, "batch_size": size,
-            "prefill_think": cfg.prefill_think}
+            "prefill_think": cfg.prefill_think, "think_prefill": prefill}
 
 
 def _measure(model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str], cfg: EvalConfig,
@@ -374,7 +375,7 @@ def reference(
     """Measure the base model once: responses, first-token log-probabilities and perplexity."""
     harmful, harmless = _prompts(harmful, harmless)
     responses, logprobs, ppl = _measure(base_model, tokenizer, harmful, harmless, cfg)
-    settings = _settings(base_model, cfg)
+    settings = _settings(base_model, tokenizer, cfg)
     return BaseReference(harmful, harmless, tuple(responses), logprobs, ppl, tokenizer, settings, model_id)
 
 
@@ -451,7 +452,7 @@ def evaluate(
         "refusals": {"base": counts["base"], "model": counts["model"]},
         "num_prompts": {"harmful": len(prompts[0]), "harmless": len(prompts[1])},
         "prompt_sources": prompt_sources or {"harmful": None, "harmless": None},
-        "generation": _settings(model, cfg),
+        "generation": _settings(model, tokenizer, cfg),
         "samples": _pick_samples(prompts[0], ref.responses if ref else None, responses,
                                  [bool(r) for r in shown[1]], cfg.num_samples),
         "base_model": base_id or (ref.model_id if ref else None),
