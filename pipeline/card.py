@@ -283,6 +283,14 @@ def _rough(evals: dict[str, Any]) -> str:
     return f"The rates of the smaller prompt sets are rough: {sets} prompts."
 
 
+def _benchmark_rows(benchmarks: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """Benchmark scores of base and model, the model's with its change (lm-evaluation-harness)."""
+    from pipeline.evaluate import benchmark_rows
+
+    return [(name.removeprefix("Benchmark: "), base, model, "lm-evaluation-harness")
+            for name, base, model in benchmark_rows(benchmarks)]
+
+
 def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     refusal_base, refusal_model = _pair(evals, "refusal_rate")
     ppl_base, ppl_model = _pair(evals, "perplexity")
@@ -320,6 +328,7 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
         ("Refusals removed", "–", _pct(evals.get("removal_rate")), harmful_set),
         ("KL divergence from base ↓", "0", _num(evals.get("kl_divergence")), harmless_set),
         ("Perplexity", _num(ppl_base), _num(ppl_model), ppl_set),
+        *_benchmark_rows(evals.get("benchmarks")),
     ]
     kinds = ("hard", "soft", "deflection", "empty", "total")
     breakdown = [(k, _fmt((counts.get("base") or {}).get(k)), _fmt((counts.get("model") or {}).get(k))) for k in kinds]

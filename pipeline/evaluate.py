@@ -516,6 +516,16 @@ def _sides(values: dict[str, Any] | None, bounds: dict[str, Any] | None) -> tupl
     return tuple(with_interval(values.get(side), bounds.get(side)) for side in ("base", "model"))  # type: ignore
 
 
+def benchmark_rows(benchmarks: dict[str, dict] | None) -> list[tuple[str, str, str]]:
+    """(name, base, model with its change) per benchmark metric."""
+    rows = []
+    for task, scores in (benchmarks or {}).items():
+        for metric, v in scores.items():
+            delta = "" if v.get("delta") is None else f" ({v['delta']:+.4g})"
+            rows.append((f"Benchmark: {task} {metric}", _fmt(v.get("base")), _fmt(v.get("model")) + delta))
+    return rows
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """A before/after table for the model card and the Space: rates with their 95% Wilson intervals."""
     ppl, refusals = results["perplexity"], results["refusals"]
@@ -540,6 +550,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         ("Removal rate", "", _fmt(results["removal_rate"], "pct")),
         ("KL divergence (first answer token)", "0", _fmt(results["kl_divergence"])),
         ("Perplexity (reference text)", _fmt(ppl["base"]), _fmt(ppl["model"])),
+        *benchmark_rows(results.get("benchmarks")),
     ]
     lines = ["| Metric | Base | This model |", "|---|---|---|"]
     lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
@@ -560,16 +571,3 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def run_lm_eval(model_path: str | Path, tasks: list[str], batch_size: int | str = "auto") -> dict[str, Any]:
-    """Run lm-evaluation-harness tasks on a saved model (optional extra); returns its per-task results."""
-    try:
-        import lm_eval
-    except ImportError as exc:
-        raise UserError("lm-evaluation-harness is not installed: pip install lm-eval") from exc
-    if not tasks:
-        raise UserError("no lm-evaluation-harness tasks given")
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=list(tasks),
-                                  batch_size=batch_size)
-    return out["results"] if out else {}

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import re
-import sys
 
 import pytest
 import torch
@@ -156,13 +155,6 @@ def test_config_is_frozen_and_described() -> None:
         cfg.max_new_tokens = 3  # type: ignore[misc]
     with pytest.raises(ValidationError):
         EvalConfig(bogus=1)  # type: ignore[call-arg]
-
-
-def test_lm_eval_missing(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(UserError) as err:
-        ev.run_lm_eval("out/demo", ["hellaswag"])
-    assert str(err.value) == "lm-evaluation-harness is not installed: pip install lm-eval"
 
 
 def _fake_results(base_total: int | None) -> dict:
