@@ -513,7 +513,8 @@ def with_interval(rate: float | None, interval: Sequence[float] | None) -> str:
 def _sides(values: dict[str, Any] | None, bounds: dict[str, Any] | None) -> tuple[str, str]:
     """(base, model) cells of a rate with its interval."""
     values, bounds = values or {}, bounds or {}
-    return tuple(with_interval(values.get(side), bounds.get(side)) for side in ("base", "model"))  # type: ignore
+    base, model = (with_interval(values.get(side), bounds.get(side)) for side in ("base", "model"))
+    return base, model
 
 
 def benchmark_rows(benchmarks: dict[str, dict] | None) -> list[tuple[str, str, str]]:
