@@ -58,7 +58,8 @@ class EvalConfig(BaseModel):
     prefill_think: bool = Field(True, description="Pre-fill the chat template's empty think block (reasoning "
                                 "models: qwen3, gpt-oss channels) so they answer at once; templates without "
                                 "one are unchanged. Off: the model thinks first, and a reply whose thinking "
-                                "does not finish within max_new_tokens is counted as undetermined.")
+                                "does not finish within max_new_tokens is counted as undetermined. (Measuring "
+                                "the direction always uses the pre-fill.)")
     perplexity: bool = Field(True, description="Measure perplexity on a harmless reference text.")
     perplexity_file: str | None = Field(
         None, description="Text file for the perplexity; default: the shipped reference text.")

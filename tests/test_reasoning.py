@@ -21,8 +21,7 @@ THINKER = {"qwen3": "<think>", "gpt_oss": "<|channel|>"}
 
 
 @pytest.fixture(scope="module", params=sorted(PREFILL))
-def chat(request):
-    torch.set_num_threads(1)
+def chat(request, one_thread):
     model, tok = tiny_chat_model(request.param)
     return request.param, model, tok
 
@@ -62,17 +61,20 @@ def test_kl_reads_the_first_answer_token(chat) -> None:
     assert (thinking - logprobs).abs().max() > 1e-3  # without the pre-fill: another position
 
 
-def test_measurement_reads_the_same_prompts(chat) -> None:
+def test_measurement_and_layer_choice_read_the_same_prompts(chat) -> None:
     from pipeline.activations import collect
+    from pipeline.selection import replies_with_activations
 
     _, model, tok = chat
-    acts = collect(model, tok, PROMPTS, batch_size=2, keep_samples=True)
+    acts = collect(model, tok, PROMPTS, batch_size=2, keep_samples=True)  # the direction's means
+    replied = replies_with_activations(model, tok, PROMPTS, tokens=2, batch_size=2)  # prompt filter, layer choice
     for i, text in enumerate(format_prompts(tok, PROMPTS)):
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
         # hidden_states[1] is layer 0's raw output (the last entry alone is taken after the final norm).
         torch.testing.assert_close(acts.samples[i, 0], hidden[1][0, -1].float(), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(replied.samples[i, 0], hidden[1][0, -1].float(), atol=1e-4, rtol=1e-4)
 
 
 def test_evaluate_a_reasoning_model(chat) -> None:
