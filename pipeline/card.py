@@ -256,6 +256,41 @@ def _num(value: Any, digits: int = 4) -> str:
     return "–" if value is None else f"{float(value):.{digits}g}"
 
 
+def _with_interval(rate: Any, interval: Any, count: str = "") -> str:
+    """"10.0% (4/40; 95% CI 4.0–23.1%)": a rate, its count and its 95% Wilson interval when known."""
+    if rate is None:
+        return "–"
+    parts = [count.strip(" ()")] if count else []
+    if interval:
+        parts.append(f"95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%")
+    return _pct(rate) + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def _rough(evals: dict[str, Any]) -> str:
+    """A sentence saying the rates are rough when they rest on few prompts ("" otherwise)."""
+    from pipeline.evaluate import ROUGH_BELOW
+
+    n = (evals.get("num_prompts") or {}).get("harmful")
+    small = {name: v.get("n") for name, v in (evals.get("by_set") or {}).items() if (v.get("n") or 0) < ROUGH_BELOW}
+    if not n or (n >= ROUGH_BELOW and not small):
+        return ""
+    if n < ROUGH_BELOW:
+        bounds = (evals.get("refusal_interval") or {}).get("model")
+        span = f" (its 95% interval spans {100 * (bounds[1] - bounds[0]):.0f} points)" if bounds else ""
+        return (f"These rates rest on only {n} harmful prompts, so they are rough{span}: a few replies more or "
+                "less move them by many points. Evaluate on more prompts for a firmer number.")
+    sets = ", ".join(f"`{name}` ({k})" for name, k in small.items())
+    return f"The rates of the smaller prompt sets are rough: {sets} prompts."
+
+
+def _benchmark_rows(benchmarks: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """Benchmark scores of base and model, the model's with its change (lm-evaluation-harness)."""
+    from pipeline.evaluate import benchmark_rows
+
+    return [(name.removeprefix("Benchmark: "), base, model, "lm-evaluation-harness")
+            for name, base, model in benchmark_rows(benchmarks)]
+
+
 def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     refusal_base, refusal_model = _pair(evals, "refusal_rate")
     ppl_base, ppl_model = _pair(evals, "perplexity")
@@ -264,32 +299,45 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     harmless, harmless_split = _prompt_source(evals, "harmless")
     harmful, harmless = sources.describe(harmful), sources.describe(harmless)
     num = evals.get("num_prompts") or {}
+    bounds = evals.get("refusal_interval") or {}
+    undetermined = evals.get("undetermined") or {}
 
     def total(side: str) -> str:
         got = (counts.get(side) or {}).get("total")
-        return "" if got is None or not num.get("harmful") else f" ({got}/{num['harmful']})"
+        judged = (num.get("harmful") or 0) - (undetermined.get(side) or 0)
+        return "" if got is None or not judged else f" ({got}/{judged})"
 
     harmful_set = f"`{harmful}` ({harmful_split} split, {num.get('harmful', '?')} prompts)"
     harmless_set = f"`{harmless}` ({harmless_split} split, {num.get('harmless', '?')} prompts)"
     ppl_source, _ = _prompt_source(evals, "perplexity")
     ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{sources.describe(ppl_source)}`"
+    topical, topical_bounds = evals.get("on_topic_rate") or {}, evals.get("on_topic_interval") or {}
     rows = [
-        ("Refusal rate ↓", _pct(refusal_base) + total("base"), _pct(refusal_model) + total("model"), harmful_set),
+        ("Refusal rate ↓", _with_interval(refusal_base, bounds.get("base"), total("base")),
+         _with_interval(refusal_model, bounds.get("model"), total("model")), harmful_set),
         *(
-            (f"Refusal rate: {name} ↓", _pct(v.get("base")), _pct(v.get("model")),
+            (f"Refusal rate: {name} ↓", _with_interval(v.get("base"), (v.get("interval") or {}).get("base")),
+             _with_interval(v.get("model"), (v.get("interval") or {}).get("model")),
              f"`{name}` ({harmful_split} split, {v.get('n', '?')} prompts)")
             for name, v in (evals.get("by_set") or {}).items()
         ),
+        *([("On-topic answers ↑", _with_interval(topical.get("base"), topical_bounds.get("base")),
+            _with_interval(topical.get("model"), topical_bounds.get("model")), harmful_set)] if topical else []),
+        *([("Undetermined (reasoning unfinished)", _fmt(undetermined.get("base")), _fmt(undetermined.get("model")),
+            harmful_set)] if any(undetermined.values()) else []),
         ("Refusals removed", "–", _pct(evals.get("removal_rate")), harmful_set),
         ("KL divergence from base ↓", "0", _num(evals.get("kl_divergence")), harmless_set),
         ("Perplexity", _num(ppl_base), _num(ppl_model), ppl_set),
+        *_benchmark_rows(evals.get("benchmarks")),
     ]
     kinds = ("hard", "soft", "deflection", "empty", "total")
     breakdown = [(k, _fmt((counts.get("base") or {}).get(k)), _fmt((counts.get("model") or {}).get(k))) for k in kinds]
     gen = evals.get("generation") or {}
     decoding = "greedy decoding" if not gen.get("do_sample") else "sampling"
     generation = f"{decoding}, up to {gen.get('max_new_tokens', '?')} new tokens"
-    return {"rows": rows, "breakdown": breakdown if counts else [], "generation": generation}
+    return {"rows": rows, "breakdown": breakdown if counts else [], "generation": generation,
+            "rough": _rough(evals), "intervals": bool(bounds), "on_topic": bool(topical),
+            "prefill": bool(gen.get("think_prefill"))}
 
 
 def _healing(recipe: dict[str, Any], evals: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -80,9 +80,12 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--base", help="Base model to compare with (KL, removal rate); default: the recipe's base, if any.")
     p.add_argument("--json", type=Path, help="Write eval_results.json here.")
     p.add_argument("--allow-no-refusals", action="store_true", help="Do not fail when the base refuses nothing.")
+    from pipeline.benchmarks import BenchmarkConfig
+
     for cls in (LoadConfig, PromptsConfig):
         add_config_args(p, cls)
     _add_eval_args(p)
+    add_config_args(p, BenchmarkConfig)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -92,21 +95,25 @@ def _recipe_base(model: str) -> str | None:
 
 
 def cmd_evaluate(args) -> int:
+    from pipeline import benchmarks as bm
     from pipeline import evaluate as ev
     from pipeline.loading import LoadConfig, load_model
     from pipeline.stages import PromptsConfig, resolve_prompts
 
     load = config_from_args(LoadConfig, args)
     cfg = _eval_config(args)
+    bench = config_from_args(bm.BenchmarkConfig, args)
+    tasks = bm.task_manager(bench)  # unknown tasks fail before any model loads
     base_id = args.base or _recipe_base(args.model)
     prompts = resolve_prompts(base_id or args.model, config_from_args(PromptsConfig, args))
     harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
-    reference = None
+    reference, base_scores = None, {}
     if base_id:
         base = load_model(base_id, load)
         reference = ev.reference(base.model, base.tokenizer, harmful, harmless, cfg, model_id=base_id)
         if not args.allow_no_refusals:
             ev.require_base_refusals(reference)
+        base_scores = bm.run_benchmarks(base.model, base.tokenizer, bench, tasks)
         del base
     loaded = load_model(args.model, load)
     sources = {
@@ -125,7 +132,11 @@ def cmd_evaluate(args) -> int:
         prompt_sources=sources,
         groups=prompts.eval_groups(),
     )
+    if tasks is not None:
+        results["benchmarks"] = bm.compare(base_scores, bm.run_benchmarks(loaded.model, loaded.tokenizer, bench, tasks))
     print(ev.markdown_table(results))
+    if results["num_prompts"]["harmful"] < ev.ROUGH_BELOW:
+        print(f"note: only {results['num_prompts']['harmful']} harmful prompts: these rates are rough")
     if args.json:
         ev.write_results(results, args.json)
         print(f"wrote {args.json}")
@@ -222,22 +233,48 @@ def print_summary(summary: dict) -> None:
               "or --auto")
     results = summary.get("eval")
     if results:
-        rr, ppl = results["refusal_rate"], results.get("perplexity") or {}
-        print(f"refusal rate: {rr['base']:.1%} -> {rr['model']:.1%}")
-        for name, rates in (results.get("by_set") or {}).items():
-            print(f"  {name}: {rates['base']:.1%} -> {rates['model']:.1%} ({rates['n']} prompts)")
-        print(f"KL divergence (harmless, first token): {results['kl_divergence']:.4f}")
-        if ppl:
-            print(f"perplexity: {ppl.get('base')} -> {ppl.get('model')}")
+        for line in eval_lines(results):
+            print(line)
         found = summary.get("search") or {}
         plain, chosen = found.get("plain_edit_on_test"), found.get("chosen_on_test")
         if plain and chosen:
+            def pct(x: float | None) -> str:
+                return "n/a" if x is None else f"{x:.1%}"
+
             print(f"search: trial {found['chosen_trial']} of {found['trials']} chosen; on the test prompts no trial "
-                  f"saw it refuses {chosen['refusal']:.1%} at KL {chosen['kl']:.4f}, the plain edit "
-                  f"{plain['refusal']:.1%} at KL {plain['kl']:.4f}")
+                  f"saw it refuses {pct(chosen['refusal'])} at KL {chosen['kl']:.4f}, the plain edit "
+                  f"{pct(plain['refusal'])} at KL {plain['kl']:.4f}")
         for sample in results.get("samples", [])[:3]:
             print(json.dumps(sample, ensure_ascii=False))
     print(f"output: {summary['out']}")
+
+
+def eval_lines(results: dict) -> list[str]:
+    """The evaluation in a few lines: rates with their 95% intervals, on-topic answers, KL, perplexity."""
+    from pipeline.evaluate import ROUGH_BELOW, with_interval
+
+    def change(rate: dict | None, bounds: dict | None) -> str:
+        rate, bounds = rate or {}, bounds or {}
+        return " -> ".join(with_interval(rate.get(s), bounds.get(s)) for s in ("base", "model"))
+
+    n = results["num_prompts"]["harmful"]
+    lines = [f"refusal rate: {change(results['refusal_rate'], results.get('refusal_interval'))} ({n} prompts)"]
+    for name, rates in (results.get("by_set") or {}).items():
+        lines.append(f"  {name}: {change(rates, rates.get('interval'))} ({rates['n']} prompts)")
+    if results.get("on_topic_rate"):
+        lines.append(f"on-topic answers: {change(results['on_topic_rate'], results.get('on_topic_interval'))}")
+    undetermined = results.get("undetermined") or {}
+    if any(undetermined.values()):
+        lines.append(f"undetermined (reasoning unfinished, not counted): {undetermined.get('base')} -> "
+                     f"{undetermined.get('model')}")
+    if n < ROUGH_BELOW:
+        lines.append(f"note: only {n} harmful prompts: these rates are rough")
+    if results.get("kl_divergence") is not None:
+        lines.append(f"KL divergence (harmless, first answer token): {results['kl_divergence']:.4f}")
+    ppl = results.get("perplexity") or {}
+    if ppl.get("model") is not None:
+        lines.append(f"perplexity: {ppl.get('base')} -> {ppl.get('model')}")
+    return lines
 
 
 STAGE_CONFIGS = (

@@ -58,13 +58,15 @@ def replies_with_activations(
 ) -> Measured:
     """Short greedy replies, whether each is a refusal, and the residuals read during the same pass."""
     from pipeline.activations import PrefillCapture
-    from pipeline.evaluate import classify, generate_tokens, load_markers
+    from pipeline.evaluate import classify, decode_reply, generate_tokens, is_refusal, load_markers
 
+    # The prompts end with the template's empty think block (as in evaluation), so a reasoning model's
+    # residuals and replies are read where its answer starts.
     with PrefillCapture(model) as capture:
         pairs = generate_tokens(model, tokenizer, list(prompts), tokens, batch_size, after_batch=capture.take)
     markers = load_markers()
     replies = tuple(tuple(r) for r, _ in pairs)
-    refused = tuple(classify(tokenizer.decode(r, skip_special_tokens=True), markers) is not None for r in replies)
+    refused = tuple(is_refusal(classify(decode_reply(tokenizer, r), markers)) for r in replies)
     return Measured(tuple(prompts), torch.stack([a for _, a in pairs]), replies, refused)
 
 
@@ -101,7 +103,7 @@ def refusal_logprob(
     is likely whatever the direction does, so the decision sits in the first tokens.
     """
     prepare_tokenizer(tokenizer)
-    texts = format_prompts(tokenizer, prompts)
+    texts = format_prompts(tokenizer, prompts)  # with the template's empty think block, as the replies were made
     rows = [
         (tokenizer(t, add_special_tokens=False)["input_ids"], list(r[:k]))
         for t, r in zip(texts, refusals, strict=True)

@@ -209,3 +209,29 @@ def test_write_card_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.strip() == str(folder / "README.md")
     assert card.card_main([str(tmp_path / "nowhere"), "--offline"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_intervals_on_topic_and_rough_numbers(tmp_path: Path) -> None:
+    """Rates carry their Wilson intervals; on-topic and undetermined rows show; few prompts are called rough."""
+    from pipeline.replies import rates, wilson_interval
+
+    # 12 harmful prompts: the model refuses 2 of the 11 it finished, answers 6 on topic, 1 still thinking.
+    model = rates([None] + [True] * 2 + [False] * 9, [False] * 3 + [True] * 6 + [False] * 3)
+    base = rates([True] * 12, [False] * 12)
+    small = {**SAMPLE_EVAL, "num_prompts": {"harmful": 12, "harmless": 12},
+             "refusals": {"base": {**SAMPLE_EVAL["refusals"]["base"], "total": 12},
+                          "model": {**SAMPLE_EVAL["refusals"]["model"], "total": 2}},
+             "generation": {**SAMPLE_EVAL["generation"], "prefill_think": True,
+                            "think_prefill": "<think>\n\n</think>\n\n"},
+             **{key: {"base": base[key], "model": model[key]}
+                for key in ("refusal_rate", "refusal_interval", "on_topic_rate", "on_topic_interval", "undetermined")}}
+    text = card.render_card(write_sample(tmp_path / "small", evals=small), REPO_ID)
+    lo, hi = wilson_interval(2, 11)
+    after = f"18.2% (2/11; 95% CI {100 * lo:.1f}–{100 * hi:.1f}%)"
+    assert f"| Refusal rate ↓ | 100.0% (12/12; 95% CI 75.8–100.0%) | {after} |" in text
+    lo, hi = wilson_interval(6, 11)
+    assert f"| On-topic answers ↑ | 0.0% (95% CI 0.0–24.2%) | 54.5% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%) |" in text
+    assert "| Undetermined (reasoning unfinished) | 0 | 1 |" in text
+    assert "only 12 harmful prompts, so they are rough" in text and "pre-filled" in text
+    plain = card.render_card(write_sample(tmp_path / "plain"), REPO_ID)  # 80 prompts, no intervals recorded
+    assert "rough" not in plain and "95% CI" not in plain and "pre-filled" not in plain

@@ -106,3 +106,22 @@ def test_no_chat_template_falls_back_to_plain_prompts(caplog):
     with caplog.at_level("WARNING"):
         assert format_prompts(Plain(), ["hello"]) == ["hello"]
     assert "no chat template" in caplog.text
+
+
+def test_summary_lines_carry_intervals_and_on_topic_rate():
+    from pipeline.cli import eval_lines
+    from pipeline.replies import rates, wilson_interval
+
+    model = rates([None] + [True] * 2 + [False] * 9, [False] * 3 + [True] * 6 + [False] * 3)
+    base = rates([True] * 12, [False] * 12)
+    keys = ("refusal_rate", "refusal_interval", "on_topic_rate", "on_topic_interval", "undetermined")
+    results = {**{k: {"base": base[k], "model": model[k]} for k in keys}, "num_prompts": {"harmful": 12},
+               "kl_divergence": 0.0123, "perplexity": {"base": None, "model": None}}
+    lines = eval_lines(results)
+    lo, hi = wilson_interval(2, 11)
+    assert lines[0] == (f"refusal rate: 100.0% (95% CI 75.8–100.0%) -> 18.2% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%)"
+                        " (12 prompts)")
+    assert lines[1].startswith("on-topic answers: 0.0% (95% CI 0.0–24.2%) -> 54.5%")
+    assert "undetermined (reasoning unfinished, not counted): 0 -> 1" in lines
+    assert "note: only 12 harmful prompts: these rates are rough" in lines
+    assert lines[-1] == "KL divergence (harmless, first answer token): 0.0123"

@@ -113,3 +113,38 @@ def save_tiny(
     path = Path(path)
     tiny_model(model_type, seed).save_pretrained(path, max_shard_size=max_shard_size)
     return path
+
+
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+# model_type -> (special tokens, in id order: pad 0, bos 1, eos 2, ...; added plain tokens; template file).
+# The ids match `_DENSE` (pad 0, bos 1, eos 2), so generation stops where the real model's would.
+CHAT_TOKENS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "qwen3": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), ("<think>", "</think>"), "qwen3.jinja"),
+    "gpt_oss": (("<|endoftext|>", "<|startoftext|>", "<|return|>", "<|start|>", "<|end|>", "<|message|>",
+                 "<|channel|>", "<|call|>", "<|constrain|>"), (), "gpt_oss.jinja"),
+}
+
+
+def tiny_chat_tokenizer(model_type: str, corpus: list[str] | None = None):
+    """A small byte-level BPE tokenizer with the model family's special tokens and its real chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, plain, template = CHAT_TOKENS[model_type]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(corpus or ["Tell me about the water cycle and volcanoes, please."], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=specials[0], bos_token=specials[1],
+                                  eos_token=specials[2])
+    tok.add_tokens(list(plain))
+    tok.chat_template = (TEMPLATES / template).read_text()
+    return tok
+
+
+def tiny_chat_model(model_type: str, seed: int = 0):
+    """A tiny random `model_type` model with a tokenizer that carries its family's real chat template."""
+    tok = tiny_chat_tokenizer(model_type)
+    return tiny_model(model_type, seed, vocab_size=len(tok)), tok
