@@ -338,11 +338,11 @@ def choose_layer(
 
 
 def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig) -> float:
-    from pipeline.evaluate import classify, generate, load_markers
+    from pipeline.evaluate import classify, generate, is_refusal, load_markers
 
     texts = generate(model, tokenizer, list(prompts), cfg.select_tokens, cfg.batch_size or 32)
     markers = load_markers()
-    return sum(classify(t, markers) is not None for t in texts) / len(texts)
+    return sum(is_refusal(classify(t, markers)) for t in texts) / len(texts)
 
 
 def resolve_layer(spec: str | int | float, d: Directions, projected: bool = False) -> tuple[torch.Tensor, dict]:

@@ -297,11 +297,11 @@ def _both(base: str, edited: str, prompts: Sequence[str], load: Any, max_new_tok
 
 def _refusal_pairs(prompts: Sequence[str], base_out: Sequence[str], edited_out: Sequence[str],
                    markers: Any) -> tuple[list[dict[str, str]], dict[str, int]]:
-    from pipeline.evaluate import classify
+    from pipeline.evaluate import classify, is_refusal
 
     rows, base_refused, edited_refused = [], 0, 0
     for prompt, rejected, chosen in zip(prompts, base_out, edited_out, strict=True):
-        b, e = classify(rejected, markers) is not None, classify(chosen, markers) is not None
+        b, e = is_refusal(classify(rejected, markers)), is_refusal(classify(chosen, markers))
         base_refused, edited_refused = base_refused + b, edited_refused + e
         if b and not e:
             rows.append({"prompt": prompt, "chosen": chosen.strip(), "rejected": rejected.strip()})

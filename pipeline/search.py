@@ -32,7 +32,7 @@ from pipeline import stages
 from pipeline.abliterate import EditConfig, apply_in_memory
 from pipeline.architectures import find_writers, model_type_of, num_layers_of
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalConfig, classify, evaluate, markers_for, reference, require_base_refusals
+from pipeline.evaluate import EvalConfig, classify, evaluate, is_refusal, markers_for, reference, require_base_refusals
 from pipeline.kernels import PRESETS, ComponentKernel
 from pipeline.loading import Loaded, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
@@ -187,7 +187,7 @@ class Workbench:
         self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
         self.markers = markers_for(eval_cfg)
         require_base_refusals(parts["trial"].ref, self.markers)
-        refused = {k: sum(classify(r, self.markers) is not None for r in p.ref.responses) for k, p in parts.items()}
+        refused = {k: sum(is_refusal(classify(r, self.markers)) for r in p.ref.responses) for k, p in parts.items()}
         self.base_rates = {k: refused[k] / len(p.harmful) for k, p in parts.items()}
         seen = ("trial", "confirm")
         self.base_rate = sum(refused[k] for k in seen) / sum(len(parts[k].harmful) for k in seen)
@@ -326,7 +326,7 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        refusal, kl = results["refusal_rate"]["model"], results["kl_divergence"]
+        refusal, kl = refusal_of(results), results["kl_divergence"]
         trial.set_user_attr("result", {"layer": layer, "refusals": results["refusals"]["model"],
                                        "seconds": time.monotonic() - began, "eval_seconds": bench.eval_seconds})
         study.tell(trial, [refusal, kl])
@@ -346,6 +346,13 @@ def completed(study: Any) -> list[Scored]:
 
     return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("result", {}).get("layer", {}))
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def refusal_of(results: dict) -> float:
+    """The refusal rate a trial is scored by: with every reply undetermined (reasoning that never ended)
+    there is none, and such an edit is as bad as one that refuses everything."""
+    rate = results["refusal_rate"]["model"]
+    return 1.0 if rate is None else rate
 
 
 def default_trial(study: Any, trials: list[Scored]) -> Scored | None:
@@ -368,7 +375,7 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     out = []
     for t in finalists:
         results, _ = bench.run(*to_edit(t.params, base), part="confirm")
-        refusal = (t.refusal * n1 + results["refusal_rate"]["model"] * n2) / (n1 + n2)
+        refusal = (t.refusal * n1 + refusal_of(results) * n2) / (n1 + n2)
         kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
         out.append(Scored(t.number, refusal, kl, t.params, t.layer))
         say(f"confirming trial {t.number} on {n1 + n2} prompts: refusal {t.refusal:.1%} -> {refusal:.1%}, "

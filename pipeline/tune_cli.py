@@ -91,8 +91,8 @@ def cmd_tune(args) -> int:
 def _print_eval(results: dict | None) -> None:
     if results:
         rate = results["refusal_rate"]
-        base = "–" if rate["base"] is None else f"{rate['base']:.1%}"
-        print(f"refusal rate: {base} -> {rate['model']:.1%}")
+        base, model = ("–" if x is None else f"{x:.1%}" for x in (rate["base"], rate["model"]))
+        print(f"refusal rate: {base} -> {model}")
         if results.get("kl_divergence") is not None:
             print(f"KL divergence (harmless, first token): {results['kl_divergence']:.4f}")
 
