@@ -127,7 +127,9 @@ def cmd_evaluate(args) -> int:
     )
     print(ev.markdown_table(results))
     if args.json:
-        ev.write_results(results, args.json)
+        from pipeline.output import write_json
+
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,22 +494,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| Metric | Base | This model |", "|---|---|---|"]
     lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
     return "\n".join(lines) + "\n"
-
-
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as JSON through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def run_lm_eval(model_path: str | Path, tasks: list[str], batch_size: int | str = "auto") -> dict[str, Any]:

@@ -31,13 +31,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
 from pipeline.loading import LoadConfig, local_path
-from pipeline.output import EVAL_FILE, check_target, sha256_file, staged_folder, write_json, write_recipe
+from pipeline.output import (
+    EVAL_FILE,
+    atomic_file,
+    check_target,
+    sha256_file,
+    staged_folder,
+    tensor_index,
+    write_json,
+    write_recipe,
+)
 from pipeline.progress import Progress, say
+from pipeline.sources import is_hub_id
 from pipeline.stages import PromptsConfig
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 SKIP_FILES = {"recipe.json", EVAL_FILE, "README.md", ".gitattributes", "strengths.png"}
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)\.weight$")
 
@@ -73,21 +82,10 @@ class SteerConfig(BaseModel):
 
 
 def shard_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a saved model folder."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    names: dict[str, str] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        if shard.name.startswith(("directions", "adapter_model")):
-            continue
-        with safe_open(str(shard), framework="pt") as handle:
-            names.update(dict.fromkeys(handle.keys(), shard.name))
+    """Tensor name -> shard file name; a one-line error when the folder holds no model weights."""
+    names = tensor_index(folder)
     if not names:
-        adapter = (folder / "adapter_config.json").exists()
+        adapter = (Path(folder) / "adapter_config.json").exists()
         hint = " (an adapter-only folder: tune it without --adapter-only)" if adapter else ""
         raise UserError(f"no safetensors model weights in '{folder}'{hint}")
     return names
@@ -97,10 +95,8 @@ def save_vector(vector: dict[str, Any], path: Path, meta: dict[str, str]) -> Pat
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in vector.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vector.items()}, str(tmp), metadata=meta)
     return path
 
 
@@ -292,10 +288,9 @@ def steer(
 
 
 def _is_hub(spec: str) -> bool:
-    from pipeline.pairs import BUILTIN_SETS, _split_pick
+    from pipeline.pairs import split_pick
 
-    source = _split_pick(spec)[0]
-    return source not in BUILTIN_SETS and not Path(source).exists() and source.count("/") == 1
+    return is_hub_id(split_pick(spec)[0])
 
 
 # ---------------------------------------------------------------- monitoring

@@ -350,8 +350,8 @@ def heal(
     The pairs are kept in ``OUT/heal_pairs.jsonl``; the abliteration recipe is kept in the new
     recipe under ``abliteration``.
     """
-    from pipeline.output import read_json
-    from pipeline.pairs import make_pairs, write_jsonl
+    from pipeline.output import read_json, write_jsonl
+    from pipeline.pairs import make_pairs
     from pipeline.stages import resolve_prompts
 
     out, abliterated = Path(out), str(abliterated)
@@ -365,7 +365,7 @@ def heal(
         rows, stats = make_pairs(base_model, abliterated, prompts, load, max_new_tokens, progress=progress)
         say(progress, f"{stats['pairs']} pairs from {stats['prompts']} prompts")
         pairs_file = out.parent / f".{out.name}.heal_pairs.jsonl"
-        write_jsonl(rows, pairs_file, overwrite=True)
+        write_jsonl(rows, pairs_file)
         data, pairs_info = str(pairs_file), stats
     recipe_file = Path(abliterated) / RECIPE_FILE
     extra = {

@@ -14,11 +14,11 @@ from pipeline.abliterate import (
     apply_streaming,
     edit_tensor,
     orthonormal,
-    shard_files,
     strengths,
 )
 from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
 from pipeline.kernels import ComponentKernel
+from pipeline.output import weight_shards
 from tests.tiny_models import save_tiny, tiny_model
 
 
@@ -116,7 +116,7 @@ def test_in_memory_edit_makes_every_layer_output_orthogonal(model_type):
 
 def test_streaming_equals_in_memory_and_keeps_untouched_bytes(tmp_path):
     src = save_tiny("llama", tmp_path / "src", max_shard_size="60KB")
-    assert len(shard_files(src)) >= 3
+    assert len(weight_shards(src)) >= 3
     model = tiny_model("llama")
     r = _unit(hidden_size_of(model.config), 11)
     cfg = EditConfig(method="norm-preserving", preset="conservative", embed_strength=0.5)
@@ -128,7 +128,7 @@ def test_streaming_equals_in_memory_and_keeps_untouched_bytes(tmp_path):
     assert index == json.loads((src / "model.safetensors.index.json").read_text())
     writers = {m.name for m in find_writers(mt, index["weight_map"])}
     edited = untouched = 0
-    for shard in shard_files(src):
+    for shard in weight_shards(src):
         with safe_open(str(shard), "pt") as a, safe_open(str(tmp_path / "dst" / shard.name), "pt") as b:
             assert a.metadata() == b.metadata()
             for name in a.keys():

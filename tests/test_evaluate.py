@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pipeline import evaluate as ev
 from pipeline.errors import UserError
 from pipeline.evaluate import EvalConfig, classify, load_markers, normalize, strip_thinking
+from pipeline.output import write_json
 
 CONTRACT_KEYS = {
     "refusal_rate", "removal_rate", "kl_divergence", "perplexity", "refusals", "num_prompts",
@@ -290,7 +291,7 @@ def test_results_contract_and_reuse(demo, prompts, tmp_path) -> None:
 
     edited = ev.evaluate(_edited(demo.model, 0.02), demo.tokenizer, harmful, harmless, cfg, base=ref)
     assert edited["kl_divergence"] > 0 and edited["refusal_rate"]["base"] == 1.0
-    path = ev.write_results(edited, tmp_path / "out" / "eval_results.json")
+    path = write_json(tmp_path / "out" / "eval_results.json", edited)
     assert json.loads(path.read_text()) == edited
     assert [p.name for p in path.parent.iterdir()] == ["eval_results.json"]
     table = ev.markdown_table(edited)
