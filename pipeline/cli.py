@@ -94,37 +94,21 @@ def _recipe_base(model: str) -> str | None:
 def cmd_evaluate(args) -> int:
     from pipeline import evaluate as ev
     from pipeline.loading import LoadConfig, load_model
-    from pipeline.stages import PromptsConfig, resolve_prompts
+    from pipeline.stages import PromptsConfig, base_reference, evaluate_model, resolve_prompts
 
     load = config_from_args(LoadConfig, args)
     cfg = _eval_config(args)
     base_id = args.base or _recipe_base(args.model)
     prompts = resolve_prompts(base_id or args.model, config_from_args(PromptsConfig, args))
-    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     reference = None
     if base_id:
         base = load_model(base_id, load)
-        reference = ev.reference(base.model, base.tokenizer, harmful, harmless, cfg, model_id=base_id)
+        reference = base_reference(base.model, base.tokenizer, prompts, cfg, base_id)
         if not args.allow_no_refusals:
             ev.require_base_refusals(reference)
         del base
     loaded = load_model(args.model, load)
-    sources = {
-        k: {"source": s.source, "split": "eval"}
-        for k, s in (("harmful", prompts.harmful), ("harmless", prompts.harmless))
-    }
-    results = ev.evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        harmful,
-        harmless,
-        cfg,
-        base=reference,
-        model_id=args.model,
-        base_id=base_id,
-        prompt_sources=sources,
-        groups=prompts.eval_groups(),
-    )
+    results = evaluate_model(loaded.model, loaded.tokenizer, prompts, cfg, reference, args.model, base_id)
     print(ev.markdown_table(results))
     if args.json:
         from pipeline.output import write_json
@@ -236,20 +220,10 @@ def print_summary(summary: dict) -> None:
     print(f"output: {summary['out']}")
 
 
-STAGE_CONFIGS = (
-    ("pipeline.loading", "LoadConfig"),
-    ("pipeline.stages", "PromptsConfig"),
-    ("pipeline.directions", "DirectionsConfig"),
-    ("pipeline.abliterate", "EditConfig"),
-    ("pipeline.evaluate", "EvalConfig"),
-    ("pipeline.search", "SearchConfig"),
-    ("pipeline.tune", "TuneConfig"),
-    ("pipeline.steer", "SteerConfig"),
-)
-
-
 def _stage_classes():
     import importlib
+
+    from pipeline.options import STAGE_CONFIGS
 
     return [getattr(importlib.import_module(m), n) for m, n in STAGE_CONFIGS]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.chat import batched, encode_batch, format_prompts, input_device, prepare_tokenizer
+from pipeline.chat import auto_batch_size, batched, encode_batch, format_prompts, input_device, prepare_tokenizer
 from pipeline.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -31,7 +31,6 @@ CATEGORIES = ("hard", "soft", "deflection")
 CUSTOM, EMPTY = "custom", "empty"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 THINK_PREFILL = "<think>\n\n</think>\n\n"
-CPU_BATCH, GPU_BATCH = 32, 128
 
 
 class EvalConfig(BaseModel):
@@ -41,7 +40,7 @@ class EvalConfig(BaseModel):
 
     max_new_tokens: int = Field(64, ge=1, description="New tokens generated per harmful prompt (greedy).")
     batch_size: int | None = Field(
-        None, ge=1, description="Prompts per batch; automatic when unset (32 on CPU, 128 on GPU).")
+        None, ge=1, description="Prompts per batch; automatic when unset (see pipeline.chat.auto_batch_size).")
     markers_file: str | None = Field(None, description="Extra refusal markers: a .json with hard/soft/"
                                      "deflection/custom lists, or a .txt with one marker per line (custom).")
     replace_markers: bool = Field(
@@ -179,10 +178,6 @@ def count_refusals(categories: Sequence[str | None], names: Sequence[str]) -> di
     for category in filter(None, categories):
         counts[category] = counts.get(category, 0) + 1
     return {**counts, "total": sum(counts.values())}
-
-
-def auto_batch_size(model: Any) -> int:
-    return GPU_BATCH if input_device(model).type == "cuda" else CPU_BATCH
 
 
 def chat_texts(tokenizer: Any, prompts: Sequence[str], prefill_think: bool = False) -> list[str]:

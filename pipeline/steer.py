@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, local_path
+from pipeline.loading import LoadConfig, free_memory, load_causal_lm, local_path, unquantized
 from pipeline.output import (
     EVAL_FILE,
     atomic_file,
@@ -125,9 +125,9 @@ def adapter_difference(model_id: str, positive: Path, negative: Path, load: Load
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from pipeline.tune import _no_quantization, load_causal_lm, quiet_renames
+    from pipeline.tune import quiet_renames
 
-    base = load_causal_lm(model_id, _no_quantization(load), place=False)
+    base = load_causal_lm(model_id, unquantized(load), place=False)
     with quiet_renames():
         model = PeftModel.from_pretrained(base, str(positive), adapter_name="positive")
     model.load_adapter(str(negative), adapter_name="negative")
@@ -214,25 +214,19 @@ def write_steered(base_dir: Path, vector: dict[str, Any], k: float, folder: Path
 
 
 def _evaluate(model_id: str, folder: Path, out: Path, load: LoadConfig, prompts_cfg, eval_cfg, progress) -> tuple:
-    from pipeline import evaluate as ev
     from pipeline.loading import load_tokenizer
-    from pipeline.stages import resolve_prompts
-    from pipeline.tune import _free, _no_quantization, load_causal_lm
+    from pipeline.stages import base_reference, evaluate_model, resolve_prompts
 
-    cfg = eval_cfg or ev.EvalConfig()
     prompts = resolve_prompts(model_id, prompts_cfg or PromptsConfig())
-    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     tokenizer = load_tokenizer(local_path(model_id, load), load)
     say(progress, "evaluating the base model")
-    base = load_causal_lm(model_id, _no_quantization(load))
-    reference = ev.reference(base, tokenizer, harmful, harmless, cfg, model_id=model_id)
+    base = load_causal_lm(model_id, unquantized(load))
+    reference = base_reference(base, tokenizer, prompts, eval_cfg, model_id)
     del base
-    _free()
+    free_memory()
     say(progress, "evaluating the steered model")
-    steered = load_causal_lm(str(folder), _no_quantization(load).model_copy(update={"revision": None}))
-    sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
-    return ev.evaluate(steered, tokenizer, harmful, harmless, cfg, base=reference, model_id=str(out),
-                       base_id=model_id, prompt_sources=sources), prompts
+    steered = load_causal_lm(str(folder), unquantized(load).model_copy(update={"revision": None}))
+    return evaluate_model(steered, tokenizer, prompts, eval_cfg, reference, str(out), model_id), prompts
 
 
 def steer(

@@ -18,7 +18,6 @@ from safetensors import safe_open
 
 from pipeline.architectures import (
     ARCHITECTURES,
-    POST_NORM_MODEL_TYPES,
     WriterMatch,
     find_writers,
     hidden_size_of,
@@ -72,8 +71,6 @@ def test_required_architectures_are_supported():
     assert supported_model_types() == sorted(ARCHITECTURES)
     assert set(supported_model_types()) >= REQUIRED
     assert set(TINY_MODEL_TYPES) >= REQUIRED
-    assert {"gemma2", "gemma3", "gemma3_text"} <= POST_NORM_MODEL_TYPES
-    assert POST_NORM_MODEL_TYPES <= set(ARCHITECTURES)
 
 
 def _check_discovery(
@@ -279,7 +276,6 @@ BEHAVIOUR_CASES = [
 def test_removing_a_direction_from_all_writers_removes_it_from_the_residual(
     model_type, overrides
 ):
-    assert model_type not in POST_NORM_MODEL_TYPES
     model = tiny_model(model_type, seed=1, **overrides)
     hidden = hidden_size_of(model.config)
     gen = torch.Generator().manual_seed(0)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conversational
-from pipeline.tune_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tests" / "_output" / "tune-cache"

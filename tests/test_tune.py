@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.output import sha256_file
 from pipeline.tune import TuneConfig, heal, quiet_renames, tune
-from pipeline.tune_cli import add_parsers, main
+from pipeline.tune_cli import add_parsers
 from tests.test_pairs import abliterated_demo, demo_pairs_file
 
 ROOT = Path(__file__).resolve().parents[1]
