@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import sources
+from pipeline import PACKAGE_DIR, sources
 from pipeline.errors import UserError
 from pipeline.sources import is_hub_id
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
+CARDS_DIR = PACKAGE_DIR.parent / "cards"
 TEMPLATES = {"abliterated": "abliterated.md.j2", "dpo": "tuned.md.j2", "sft": "tuned.md.j2", "steered": "steered.md.j2"}
 CHARTS = ("strengths.png", "directions.png")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")

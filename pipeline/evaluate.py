@@ -21,10 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline import PACKAGE_DIR
 from pipeline.chat import auto_batch_size, batched, encode_batch, format_prompts, input_device, prepare_tokenizer
 from pipeline.errors import UserError
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = PACKAGE_DIR / "data"
 MARKERS_FILE = DATA_DIR / "refusal_markers.json"
 REFERENCE_TEXT = DATA_DIR / "reference.txt"
 CATEGORIES = ("hard", "soft", "deflection")

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import PACKAGE_DIR
 from pipeline.errors import UserError
 from pipeline.records import load_hub_dataset, locate, read_json_rows, read_text
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
+PROMPTS_DIR = PACKAGE_DIR / "data" / "prompts"
 EVAL_SUFFIX = ".eval.txt"
 FILE_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 TEXT_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", "input")

@@ -199,8 +199,8 @@ def check_namespace(repo_id: str, user: str, allowed: set[str]) -> None:
     """AuthError unless `repo_id`'s owner is one of `allowed`: asked before any long job or upload."""
     namespace = repo_id.split("/")[0]
     if namespace not in allowed:
-        raise AuthError(f"{user} cannot create or write repos in the namespace {namespace!r}: use your name or "
-                        f"one of your organisations ({', '.join(sorted(a for a in allowed if a))})")
+        raise AuthError(f"{user} cannot publish to {repo_id!r} (no write access to {namespace!r}): use your name "
+                        f"or one of your organisations ({', '.join(sorted(a for a in allowed if a))})")
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,

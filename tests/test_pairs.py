@@ -7,6 +7,7 @@ model and the sources that make them), so test_tune.py reuses them.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -18,8 +19,8 @@ from pipeline.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conv
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tests" / "_output" / "tune-cache"
-SOURCES = ("abliterate.py", "activations.py", "directions.py", "kernels.py", "stages.py", "run.py", "pairs.py",
-           "evaluate.py", "chat.py")
+SOURCES = ("pipeline.abliterate", "pipeline.activations", "pipeline.directions", "pipeline.kernels", "pipeline.stages",
+           "pipeline.run", "pipeline.pairs", "pipeline.evaluate", "pipeline.chat")  # what the cached files come from
 PAIRS_TOKENS = "40"
 
 
@@ -31,7 +32,7 @@ def cache_key() -> str:
 
     digest = hashlib.sha256(demo_path().name.encode())
     for name in SOURCES:
-        digest.update((ROOT / "pipeline" / name).read_bytes())
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
     return digest.hexdigest()[:12]
 
 

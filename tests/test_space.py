@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -273,14 +274,20 @@ def test_automatic_search_shows_the_pareto_chart(app, hub):
 
 
 @pytest.mark.parametrize("settings", [
-    {"method": "dpo", "dpo_data": "demo-pairs", "dpo_steps": 2},
-    {"method": "steer", "steer_positive": "demo-answers", "steer_negative": "demo-refusals", "steer_k": 1.0,
-     "extra_options": json.dumps({"max_steps": 2, **json.loads(FAST["extra_options"])})},
+    {"method": "dpo", "dpo_data": "demo-pairs", "dpo_steps": 12, "learning_rate": 3e-4},
+    {"method": "steer", "steer_positive": "demo-answers", "steer_negative": "demo-refusals", "steer_k": 2.0,
+     "extra_options": json.dumps({"max_steps": 12, "learning_rate": 1e-3, "batch_size": 8,
+                                  **json.loads(FAST["extra_options"])})},
 ], ids=["dpo", "steer"])
 def test_tuning_methods_run_from_the_space(app, hub, settings):
+    """DPO towards the answers and steering away from the refusals both lower the refusal rate the page shows."""
     demo, url = app
     out = _submit(_client(url), api_name="/run_without_publishing", **settings).result(timeout=900)
-    assert "Refusal rate" in out[1] and "Not published" in out[6]
+    shown = re.search(r"\*\*Refusal rate:\*\* ([\d.]+)% → ([\d.]+)%", out[1])
+    assert shown, out[1]
+    base, model = float(shown.group(1)), float(shown.group(2))
+    assert base >= 90 and model <= base - 30, out[1]
+    assert "Not published" in out[6]
 
 
 def test_queue_is_bounded_and_heavy_events_share_one_slot(app):
@@ -317,7 +324,10 @@ def test_helpers_parse_settings_and_fill_defaults():
     assert auth.default_repo(None, "demo") == ""
     assert handlers.retarget("org/Other", "dpo", "alice/demo-abliterated") == "alice/Other-dpo"
     assert handlers.retarget("org/Other", "dpo", "alice/my-name") == "alice/my-name"
-    assert auth.suggest_models("de")[0] == "demo"  # the local Hub has no model search: errors are ignored
+    # the local Hub has no model search: its error is ignored, and the query is offered as typed
+    assert auth.suggest_models("de") == ["demo", "de"]
+    assert auth.suggest_models("alice/my-model") == ["demo", "alice/my-model"]
+    assert auth.suggest_models("demo") == auth.suggest_models("") == ["demo"]
     assert [stage_of(m) for m in ("loading demo", "measuring refusal directions", "editing weights",
                                   "evaluating the base model", "writing the model card", "publishing to a/b",
                                   "published: http://x", "job: demo")] == [0, 1, 2, 3, 4, 5, 6, None]
