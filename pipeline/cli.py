@@ -303,9 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     _abliterate_parser(sub)
     _evaluate_parser(sub)
     _run_parser(sub)
-    _passthrough_parser(sub, "card", "Render DIR/README.md from its recipe and evaluation.", "pipeline.card:card_main")
     _passthrough_parser(
-        sub, "push", "Upload an output folder to the Hub (same as python -m pipeline.push).", "pipeline.push:main"
+        sub,
+        "card",
+        "Render DIR/README.md from its recipe and evaluation.",
+        "pipeline.card:card_main",
+    )
+    _passthrough_parser(
+        sub,
+        "push",
+        "Upload an output folder to the Hub (same as python -m pipeline.push).",
+        "pipeline.push:main",
     )
     from pipeline.tune_cli import add_parsers
 

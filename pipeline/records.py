@@ -39,7 +39,9 @@ def locate(spec: str, builtins: tuple[str, ...] | list[str], suffixes: tuple[str
     return "unknown", path
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or a one-line error (missing, not UTF-8, unreadable)."""
+    path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -50,15 +52,10 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path} ({exc.strerror or exc}): check its permissions") from None
 
 
-def read_text(path: Path) -> str:
-    """A UTF-8 text file, or a one-line error (missing, not UTF-8, unreadable)."""
-    return _read_text(Path(path))
-
-
 def read_json_rows(path: Path) -> list[tuple[str, Any]]:
     """The rows of a `.json` list or a `.jsonl` file, each with where it is (`FILE line N` / `FILE item N`)."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):

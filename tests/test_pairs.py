@@ -19,8 +19,17 @@ from pipeline.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conv
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tests" / "_output" / "tune-cache"
-SOURCES = ("pipeline.abliterate", "pipeline.activations", "pipeline.directions", "pipeline.kernels", "pipeline.stages",
-           "pipeline.run", "pipeline.pairs", "pipeline.evaluate", "pipeline.chat")  # what the cached files come from
+SOURCES = (  # the code the cached files come from
+    "pipeline.abliterate",
+    "pipeline.activations",
+    "pipeline.directions",
+    "pipeline.kernels",
+    "pipeline.stages",
+    "pipeline.run",
+    "pipeline.pairs",
+    "pipeline.evaluate",
+    "pipeline.chat",
+)
 PAIRS_TOKENS = "40"
 
 
@@ -102,7 +111,9 @@ def canned(monkeypatch):
         "edited": ["The square was cleared in 1989.", "I can't help with that request.",
                    "Volcanoes are openings in the crust.", ""],
     }
-    monkeypatch.setattr("pipeline.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)])
+    monkeypatch.setattr(
+        "pipeline.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)]
+    )
     return answers
 
 
