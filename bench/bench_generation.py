@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.evaluate import auto_batch_size
+    from pipeline.chat import auto_batch_size
     from pipeline.loading import load_model
     from pipeline.prompts import load_prompts
 

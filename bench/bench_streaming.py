@@ -190,6 +190,7 @@ def child_main(payload: str) -> None:
     import torch
 
     import pipeline.abliterate as ab
+    from pipeline.output import weight_shards
 
     args = json.loads(payload)
     if args.get("threads"):
@@ -197,7 +198,7 @@ def child_main(payload: str) -> None:
     src, dst = Path(args["src"]), Path(args["dst"])
     config = json.loads((src / "config.json").read_text())
     direction = torch.load(args["direction"])
-    shards = ab.shard_files(src)
+    shards = weight_shards(src)
     rss_after_imports = psutil.Process().memory_info().rss
     peak_before = vm_hwm()
 
@@ -277,13 +278,14 @@ def verify(src: Path, dst: Path, direction, num_layers: int, model_type: str, pe
     import torch
     from safetensors import safe_open
 
-    from pipeline.abliterate import EditConfig, _data_offsets, shard_files, strength_of, strengths
+    from pipeline.abliterate import EditConfig, _data_offsets, strength_of, strengths
     from pipeline.architectures import find_writers
+    from pipeline.output import weight_shards
 
     plan = strengths(EditConfig(), num_layers)
     headers_ok, compared, mismatched, compared_bytes = True, 0, [], 0
     writers_total, writers_changed = 0, 0
-    for shard in shard_files(src):
+    for shard in weight_shards(src):
         out = dst / shard.name
         headers_ok &= header_bytes(shard) == header_bytes(out)
         base, offsets = _data_offsets(shard)
@@ -383,11 +385,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.abliterate import shard_files
+    from pipeline.output import weight_shards
 
     spec = model_spec(args)
     src, build_seconds = cached_model(spec, args.rebuild)
-    shards = shard_files(src)
+    shards = weight_shards(src)
     sizes = [s.stat().st_size for s in shards]
     total, largest = sum(sizes), max(sizes)
     config = json.loads((src / "config.json").read_text())

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.architectures import WriterMatch, find_writers
 from pipeline.errors import UserError
 from pipeline.kernels import PRESETS, ComponentKernel, layer_weights
+from pipeline.output import weight_shards
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +184,6 @@ def apply_in_memory(model, directions: torch.Tensor, cfg: EditConfig, num_layers
     return changed
 
 
-def shard_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    return files
-
-
 def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
     """Start of the data section and each tensor's byte range, from the safetensors header."""
     with open(path, "rb") as fh:
@@ -279,7 +271,7 @@ def apply_streaming(
 
     plan = strengths(cfg, num_layers)
     dst.mkdir(parents=True, exist_ok=True)
-    shards = shard_files(src)
+    shards = weight_shards(src)
     if not shards:
         raise UserError(f"no .safetensors weights in '{src}': streaming needs safetensors shards")
     changed = 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.chat import batched, encode_batch, format_prompts, input_device
+from pipeline.chat import auto_batch_size, batched, encode_batch, format_prompts, input_device
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class Activations:
     count: int
     samples: torch.Tensor | None = None  # [n, layers, hidden] float32, only when kept
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _unsort(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -58,15 +57,6 @@ def _unsort(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
 
 def decoder_layers(model) -> Sequence[torch.nn.Module]:
     return model.get_decoder().layers
-
-
-def auto_batch_size(model) -> int:
-    """A batch size that fits: small models get large batches, big ones small."""
-    params = sum(p.numel() for p in model.parameters())
-    if input_device(model).type == "cpu":
-        return 32 if params < 5e8 else 4
-    free, _ = torch.cuda.mem_get_info(input_device(model))
-    return int(max(1, min(64, free // max(1, params * 2) * 8)))
 
 
 class _LastTokenHooks:

@@ -107,12 +107,6 @@ ARCHITECTURES: dict[str, tuple[Writer, ...]] = {
     "gpt_oss": (EMBED, ATTN_OUT, GPT_OSS_EXPERTS_DOWN, GPT_OSS_EXPERTS_DOWN_BIAS),
 }
 
-# Architectures whose attention / MLP outputs pass through a norm
-# (post_attention_layernorm / post_feedforward_layernorm) BEFORE the residual
-# add. An RMSNorm rescales per channel, so removing r from o_proj / down_proj
-# does not remove it exactly from what reaches the residual: the edit is approximate.
-POST_NORM_MODEL_TYPES: frozenset[str] = frozenset({"gemma2", "gemma3_text", "gemma3"})
-
 # Tensors that write to the residual stream but cannot be edited as stored
 # (quantized blocks): a checkpoint holding them must be refused, not half-edited.
 UNEDITABLE: dict[str, tuple[tuple[str, str], ...]] = {

@@ -12,24 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import sources
+from pipeline import PACKAGE_DIR, sources
 from pipeline.errors import UserError
+from pipeline.sources import is_hub_id
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
 log = logging.getLogger(__name__)
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "cards"
+CARDS_DIR = PACKAGE_DIR.parent / "cards"
 TEMPLATES = {"abliterated": "abliterated.md.j2", "dpo": "tuned.md.j2", "sft": "tuned.md.j2", "steered": "steered.md.j2"}
 CHARTS = ("strengths.png", "directions.png")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
@@ -62,14 +61,9 @@ class CardConfig(BaseModel):
     cards_dir: Path = Field(CARDS_DIR, description="Folder holding the Jinja card templates.")
 
 
-def is_hub_id(model: str | None) -> bool:
-    """True when `model` names a Hub repo (owner/name) rather than `demo` or a local folder."""
-    return sources.is_hub_id(model)
-
-
 def _path_like(text: str) -> bool:
     """A string of a recipe or command that names a place on this machine (Hub ids and URLs are not)."""
-    if text.startswith(("http://", "https://")) or sources.is_hub_id(text):
+    if text.startswith(("http://", "https://")) or is_hub_id(text):
         return False
     return "/" in text or "\\" in text or text.startswith("~") or Path(text).suffix.lower() in sources.FILE_SUFFIXES
 
@@ -202,7 +196,7 @@ def _tags(recipe: dict[str, Any]) -> list[str]:
 
 def _hub_datasets(recipe: dict[str, Any]) -> list[str]:
     """The recipe's datasets that are Hub ids (older recipes listed local prompt files too)."""
-    return [d for d in recipe.get("datasets") or [] if sources.is_hub_id(d)]
+    return [d for d in recipe.get("datasets") or [] if is_hub_id(d)]
 
 
 def card_data(recipe: dict[str, Any], evals: dict[str, Any], model_name: str,
@@ -481,16 +475,9 @@ def write_card(folder: Path, repo_id: str | None = None, api: HfApi | None = Non
     """Render and write `folder/README.md` atomically; returns its path."""
     folder = Path(folder)
     text = render_card(folder, repo_id, api, config)
-    target = folder / "README.md"
-    fd, tmp = tempfile.mkstemp(prefix=".README.md.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from pipeline.output import write_text
+
+    return write_text(folder / "README.md", text)
 
 
 def card_main(argv: list[str] | None = None) -> int:

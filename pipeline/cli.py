@@ -98,7 +98,7 @@ def cmd_evaluate(args) -> int:
     from pipeline import benchmarks as bm
     from pipeline import evaluate as ev
     from pipeline.loading import LoadConfig, load_model
-    from pipeline.stages import PromptsConfig, resolve_prompts
+    from pipeline.stages import PromptsConfig, base_reference, evaluate_model, resolve_prompts
 
     load = config_from_args(LoadConfig, args)
     cfg = _eval_config(args)
@@ -106,39 +106,25 @@ def cmd_evaluate(args) -> int:
     tasks = bm.task_manager(bench)  # unknown tasks fail before any model loads
     base_id = args.base or _recipe_base(args.model)
     prompts = resolve_prompts(base_id or args.model, config_from_args(PromptsConfig, args))
-    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     reference, base_scores = None, {}
     if base_id:
         base = load_model(base_id, load)
-        reference = ev.reference(base.model, base.tokenizer, harmful, harmless, cfg, model_id=base_id)
+        reference = base_reference(base.model, base.tokenizer, prompts, cfg, base_id)
         if not args.allow_no_refusals:
             ev.require_base_refusals(reference)
         base_scores = bm.run_benchmarks(base.model, base.tokenizer, bench, tasks)
         del base
     loaded = load_model(args.model, load)
-    sources = {
-        k: {"source": s.source, "split": "eval"}
-        for k, s in (("harmful", prompts.harmful), ("harmless", prompts.harmless))
-    }
-    results = ev.evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        harmful,
-        harmless,
-        cfg,
-        base=reference,
-        model_id=args.model,
-        base_id=base_id,
-        prompt_sources=sources,
-        groups=prompts.eval_groups(),
-    )
+    results = evaluate_model(loaded.model, loaded.tokenizer, prompts, cfg, reference, args.model, base_id)
     if tasks is not None:
         results["benchmarks"] = bm.compare(base_scores, bm.run_benchmarks(loaded.model, loaded.tokenizer, bench, tasks))
     print(ev.markdown_table(results))
     if results["num_prompts"]["harmful"] < ev.ROUGH_BELOW:
         print(f"note: only {results['num_prompts']['harmful']} harmful prompts: these rates are rough")
     if args.json:
-        ev.write_results(results, args.json)
+        from pipeline.output import write_json
+
+        write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 
@@ -277,20 +263,10 @@ def eval_lines(results: dict) -> list[str]:
     return lines
 
 
-STAGE_CONFIGS = (
-    ("pipeline.loading", "LoadConfig"),
-    ("pipeline.stages", "PromptsConfig"),
-    ("pipeline.directions", "DirectionsConfig"),
-    ("pipeline.abliterate", "EditConfig"),
-    ("pipeline.evaluate", "EvalConfig"),
-    ("pipeline.search", "SearchConfig"),
-    ("pipeline.tune", "TuneConfig"),
-    ("pipeline.steer", "SteerConfig"),
-)
-
-
 def _stage_classes():
     import importlib
+
+    from pipeline.options import STAGE_CONFIGS
 
     return [getattr(importlib.import_module(m), n) for m, n in STAGE_CONFIGS]
 
@@ -370,9 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
     _abliterate_parser(sub)
     _evaluate_parser(sub)
     _run_parser(sub)
-    _passthrough_parser(sub, "card", "Render DIR/README.md from its recipe and evaluation.", "pipeline.card:card_main")
     _passthrough_parser(
-        sub, "push", "Upload an output folder to the Hub (same as python -m pipeline.push).", "pipeline.push:main"
+        sub,
+        "card",
+        "Render DIR/README.md from its recipe and evaluation.",
+        "pipeline.card:card_main",
+    )
+    _passthrough_parser(
+        sub,
+        "push",
+        "Upload an output folder to the Hub (same as python -m pipeline.push).",
+        "pipeline.push:main",
     )
     from pipeline.tune_cli import add_parsers
 

@@ -19,8 +19,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline import PACKAGE_DIR
+
 DEMO_NAME = "demo"
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = PACKAGE_DIR / "data"
 TOPICS_FILE = DATA_DIR / "demo_topics.json"
 PROMPTS_DIR = DATA_DIR / "prompts"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +27,25 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.chat import batched, encode_batch, format_prompts, input_device, prepare_tokenizer, think_prefill
+from pipeline import PACKAGE_DIR
+from pipeline.chat import (
+    auto_batch_size,
+    batched,
+    encode_batch,
+    format_prompts,
+    input_device,
+    prepare_tokenizer,
+    think_prefill,
+)
 from pipeline.errors import UserError
 from pipeline.replies import UNDETERMINED, answer_of, on_topic, rates
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = PACKAGE_DIR / "data"
 MARKERS_FILE = DATA_DIR / "refusal_markers.json"
 REFERENCE_TEXT = DATA_DIR / "reference.txt"
 CATEGORIES = ("hard", "soft", "deflection")
 CUSTOM, EMPTY = "custom", "empty"
 ROUGH_BELOW = 30  # prompts: fewer, and the card calls the rate rough
-CPU_BATCH, GPU_BATCH = 32, 128
 
 
 class EvalConfig(BaseModel):
@@ -49,7 +55,7 @@ class EvalConfig(BaseModel):
 
     max_new_tokens: int = Field(64, ge=1, description="New tokens generated per harmful prompt (greedy).")
     batch_size: int | None = Field(
-        None, ge=1, description="Prompts per batch; automatic when unset (32 on CPU, 128 on GPU).")
+        None, ge=1, description="Prompts per batch; automatic when unset (see pipeline.chat.auto_batch_size).")
     markers_file: str | None = Field(None, description="Extra refusal markers: a .json with hard/soft/"
                                      "deflection/custom lists, or a .txt with one marker per line (custom).")
     replace_markers: bool = Field(
@@ -186,10 +192,6 @@ def count_refusals(categories: Sequence[str | None], names: Sequence[str]) -> di
     for category in filter(is_refusal, categories):
         counts[category] = counts.get(category, 0) + 1
     return {**counts, "total": sum(counts.values())}
-
-
-def auto_batch_size(model: Any) -> int:
-    return GPU_BATCH if input_device(model).type == "cuda" else CPU_BATCH
 
 
 def chat_texts(tokenizer: Any, prompts: Sequence[str], prefill_think: bool = True) -> list[str]:
@@ -559,17 +561,3 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as JSON through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.output import sha256_file
+from pipeline.output import sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,8 @@ def read(folder: Path) -> dict[str, str]:
 
 def record(folder: Path, **stages: str) -> None:
     """Add or replace stage fingerprints in `folder`."""
-    path = Path(folder) / FINGERPRINT_FILE
     data = {**read(folder), **stages}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text(Path(folder) / FINGERPRINT_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def matches(folder: Path, stage: str, expected: str) -> bool:

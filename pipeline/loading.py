@@ -117,7 +117,8 @@ def local_path(model_id: str, cfg: LoadConfig = LoadConfig()) -> Path:
         raise err from exc
 
 
-def _model_kwargs(cfg: LoadConfig) -> dict:
+def model_kwargs(cfg: LoadConfig) -> dict:
+    """`from_pretrained` keyword arguments for `cfg` (dtype, device map, 4-bit quantization)."""
     import torch
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
@@ -160,8 +161,6 @@ def load_config(path: Path, cfg: LoadConfig = LoadConfig()):
 
 def load_model(model_id: str, cfg: LoadConfig = LoadConfig()) -> Loaded:
     """Load model + tokenizer; the architecture must be in our residual-writer table."""
-    from transformers import AutoModelForCausalLM
-
     from pipeline.architectures import model_type_of, writers_for
 
     if is_gguf(model_id, cfg):
@@ -171,12 +170,42 @@ def load_model(model_id: str, cfg: LoadConfig = LoadConfig()) -> Loaded:
     path = local_path(model_id, cfg)
     writers_for(model_type_of(load_config(path, cfg)))  # fail early on an unknown architecture
     tokenizer = load_tokenizer(path, cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, **_model_kwargs(cfg))
-    model.eval()
-    if not cfg.device_map and not cfg.load_in_4bit:
+    model = _from_pretrained(path, cfg, place=True)
+    log.info("loaded %s (%s)", model_id, type(model).__name__)
+    return Loaded(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
+
+
+def load_causal_lm(model_id: str, cfg: LoadConfig = LoadConfig(), place: bool = True):
+    """The model alone, in eval mode, on the GPU when there is one (`place`) and no device map decides.
+
+    No architecture-table check: tuning and steering work on every causal LM.
+    """
+    return _from_pretrained(local_path(model_id, cfg), cfg, place)
+
+
+def _from_pretrained(path: Path, cfg: LoadConfig, place: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(cfg))
+    if place and not cfg.device_map and not cfg.load_in_4bit:
         import torch
 
         if torch.cuda.is_available():
             model.to("cuda")
-    log.info("loaded %s (%s)", model_id, type(model).__name__)
-    return Loaded(model=model, tokenizer=tokenizer, model_id=model_id, path=path)
+    return model.eval()
+
+
+def unquantized(cfg: LoadConfig) -> LoadConfig:
+    """`cfg` without 4-bit loading: merging adapters and weight arithmetic need full-precision weights."""
+    return cfg.model_copy(update={"load_in_4bit": False})
+
+
+def free_memory() -> None:
+    """Return a dropped model's memory now (before the next model loads), not at some later collection."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -11,6 +11,18 @@ import difflib
 from functools import cache
 from typing import Any
 
+# The stage configs a job's options fill in (module, class); the `run` command's flags come from them too.
+STAGE_CONFIGS = (
+    ("pipeline.loading", "LoadConfig"),
+    ("pipeline.stages", "PromptsConfig"),
+    ("pipeline.directions", "DirectionsConfig"),
+    ("pipeline.abliterate", "EditConfig"),
+    ("pipeline.evaluate", "EvalConfig"),
+    ("pipeline.search", "SearchConfig"),
+    ("pipeline.tune", "TuneConfig"),
+    ("pipeline.steer", "SteerConfig"),
+)
+
 # Options that `pipeline.run` reads itself rather than through a stage config.
 RUN_KEYS = ("layer", "streaming", "data", "positive", "negative", "k", "vector")
 
@@ -31,8 +43,6 @@ def _fields(cls: Any, prefix: str = "") -> list[str]:
 def valid_option_keys() -> tuple[str, ...]:
     """Every key an options dict may hold (underscore spelling; dashes are accepted too)."""
     import importlib
-
-    from pipeline.cli import STAGE_CONFIGS
 
     keys = set(RUN_KEYS)
     for module, name in STAGE_CONFIGS:

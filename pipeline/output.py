@@ -15,7 +15,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -99,8 +99,36 @@ def command_line() -> str:
     return " ".join(["python -m pipeline", *sys.argv[1:]]) if sys.argv and "pipeline" in sys.argv[0] else ""
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def is_weight_shard(path: Path) -> bool:
     return not path.name.startswith("directions")
+
+
+def weight_shards(folder: Path) -> list[Path]:
+    """The safetensors files holding a saved model's weights, from its index when it has one."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    # neither saved directions nor an adapter kept beside the merged model are its weights
+    return [p for p in sorted(folder.glob("*.safetensors")) if not p.name.startswith(("directions", "adapter_model"))]
+
+
+def tensor_index(folder: Path) -> dict[str, str]:
+    """Tensor name -> shard file name of a saved model folder (empty when it has no weights)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    names: dict[str, str] = {}
+    for shard in weight_shards(folder):
+        with safe_open(str(shard), framework="pt") as handle:
+            names.update(dict.fromkeys(handle.keys(), shard.name))
+    return names
 
 
 def write_recipe(folder: Path, recipe: dict) -> dict:
@@ -116,10 +144,37 @@ def write_recipe(folder: Path, recipe: dict) -> dict:
     return full
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only when the block finishes.
+
+    The one way every file of ours is written: a crash or a bad value mid-write leaves the old
+    file (or none), never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+    return Path(path)
+
+
+def write_json(path: Path | str, data: dict) -> Path:
+    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(rows: Iterable[dict], path: Path | str) -> Path:
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_json(path: Path) -> dict:

@@ -20,23 +20,21 @@ the edited model did not (`pipeline.evaluate.classify`).
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AuthError, HubError, UserError
+from pipeline.errors import UserError
+from pipeline.records import load_hub_dataset, locate, read_json_rows
 
 log = logging.getLogger(__name__)
 
 COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}
 BUILTIN_SETS = ("demo-pairs", "demo-refusals", "demo-answers")
 PICK_SUFFIXES = ("chosen", "rejected")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+DATA_SUFFIXES = (".jsonl", ".json")
 
 Value = str | list[dict[str, str]]
 Example = dict[str, Value]
@@ -88,67 +86,18 @@ def _builtin(name: str) -> list[dict[str, str]]:
 # ---------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {number} is not valid JSON ({exc.msg}): fix that line") from None
-    return rows
-
-
-def _read_json(path: Path) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} line {exc.lineno} is not valid JSON ({exc.msg}): fix it") from None
-    if not isinstance(data, list):
-        raise UserError(f"{path} must hold a JSON list of objects (or use .jsonl, one object per line)")
-    return [(f"{path} item {i}", row) for i, row in enumerate(data, start=1)]
-
-
 def _read_file(path: Path) -> list[tuple[str, Any]]:
-    try:
-        if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path)
-        if path.suffix.lower() == ".json":
-            return _read_json(path)
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: save it as UTF-8") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
-    raise UserError(f"unsupported data file type {path.suffix or '(none)'!r} for {path}: use .jsonl or .json")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise UserError(f"unsupported data file type {path.suffix or '(none)'!r} for {path}: use .jsonl or .json")
+    return read_json_rows(path)
 
 
 def _read_hub(name: str, split: str, revision: str | None) -> list[tuple[str, Any]]:
-    import datasets
-    from datasets.exceptions import DatasetNotFoundError
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    from pipeline.hub_token import check_access, token_kwargs
-
-    try:
-        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/hub_token.py)
-        check_access(name, revision, "dataset")
-        dataset = datasets.load_dataset(name, split=split, revision=revision, **token_kwargs())
-    except GatedRepoError:
-        raise AuthError(f"Hub dataset {name!r} is gated: accept its terms on the Hub and set HF_TOKEN") from None
-    except (DatasetNotFoundError, RepositoryNotFoundError):
-        raise HubError(f"Hub dataset {name!r} not found, or private (then set HF_TOKEN): check the name") from None
-    except (ConnectionError, TimeoutError, HfHubHTTPError) as exc:
-        raise HubError(f"Hub dataset {name!r} could not be loaded ({str(exc).splitlines()[0]})") from None
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise UserError(f"split {split!r} not found in Hub dataset {name!r}: pass --data-split") from None
-        raise HubError(f"cannot load Hub dataset {name!r}: {str(exc).splitlines()[0]}") from None
+    dataset = load_hub_dataset(name, split, revision, split_flag="--data-split")
     return [(f"Hub dataset {name!r} row {i}", row) for i, row in enumerate(dataset, start=1)]
 
 
-def _split_pick(spec: str) -> tuple[str, str | None]:
+def split_pick(spec: str) -> tuple[str, str | None]:
     base, _, pick = spec.rpartition(":")
     if base and pick in PICK_SUFFIXES:
         return base, pick
@@ -156,16 +105,16 @@ def _split_pick(spec: str) -> tuple[str, str | None]:
 
 
 def _raw_rows(spec: str, split: str, revision: str | None) -> tuple[list[tuple[str, Any]], bool]:
-    if spec in BUILTIN_SETS:
+    kind, path = locate(spec, BUILTIN_SETS, DATA_SUFFIXES)
+    if kind == "builtin":
         return [(f"built-in set {spec!r} row {i}", r) for i, r in enumerate(_builtin(spec), start=1)], False
-    path = Path(spec).expanduser()
-    if path.is_file():
+    if kind == "file":
         return _read_file(path), False
-    if path.exists():
+    if kind == "folder":
         raise UserError(f"data path {path} is not a file: give a .jsonl or .json file")
-    if path.suffix.lower() in (".jsonl", ".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if kind == "missing":
         raise UserError(f"data file not found: {path}")
-    if _HUB_ID.match(spec):
+    if kind == "hub":
         return _read_hub(spec, split, revision), True
     raise UserError(
         f"unknown data set {spec!r}: not a built-in set ({', '.join(BUILTIN_SETS)}), an existing .jsonl/.json "
@@ -218,7 +167,7 @@ def load_training_data(
     spec = spec.strip()
     if not spec:
         raise UserError("no data set given: pass a .jsonl file, a Hub dataset or a built-in set")
-    source, pick = _split_pick(spec)
+    source, pick = split_pick(spec)
     if pick and kind != "sft":
         raise UserError(f"{spec!r}: the ':{pick}' suffix reads preference pairs as prompt/completion data (sft only)")
     rows, hub = _raw_rows(source, split, revision)
@@ -249,20 +198,6 @@ def to_conversational(example: Example, tokenizer: Any) -> Example:
         role = "user" if column == "prompt" else "assistant"
         out[column] = [{"role": role, "content": value}] if isinstance(value, str) else value
     return out
-
-
-def write_jsonl(rows: Sequence[dict], path: Path, overwrite: bool = False) -> Path:
-    """Write rows atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"'{path}' already exists: pass --overwrite to replace it, or choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
 
 
 # ---------------------------------------------------------------- pairs from two models
@@ -383,6 +318,7 @@ def pairs(
     """
     from pipeline.evaluate import load_markers
     from pipeline.loading import is_demo
+    from pipeline.output import write_jsonl
     from pipeline.prompts import load_prompts, split_prompts
 
     out = Path(out)
@@ -393,5 +329,5 @@ def pairs(
     prompts = list(part.measure)[:max_prompts]
     markers = load_markers(markers_file) if markers_file else None
     rows, stats = make_pairs(base, edited, prompts, load, max_new_tokens, batch_size, markers, progress)
-    write_jsonl(rows, out, overwrite=overwrite)
+    write_jsonl(rows, out)
     return {**stats, "out": str(out), "prompts_source": spec}

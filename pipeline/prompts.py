@@ -10,22 +10,21 @@ A spec is resolved in this order:
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AuthError, HubError, UserError
+from pipeline import PACKAGE_DIR
+from pipeline.errors import UserError
+from pipeline.records import load_hub_dataset, locate, read_json_rows, read_text
 
-PROMPTS_DIR = Path(__file__).resolve().parent / "data" / "prompts"
+PROMPTS_DIR = PACKAGE_DIR / "data" / "prompts"
 EVAL_SUFFIX = ".eval.txt"
 FILE_EXTENSIONS = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 TEXT_COLUMNS = ("prompt", "text", "instruction", "goal", "question", "query", "input")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
@@ -79,15 +78,7 @@ def builtin_names() -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _fail(f"Prompt file not found: {path}. Check the path.") from None
-    except UnicodeDecodeError:
-        raise _fail(f"Prompt file {path} is not UTF-8 text. Save it as UTF-8.") from None
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise _fail(f"Cannot read prompt file {path} ({reason}). Check its permissions.") from None
+    return read_text(path)
 
 
 def _pick_column(columns: Sequence[str], column: str | None, where: str) -> str:
@@ -137,25 +128,8 @@ def _from_records(rows: list[Any], column: str | None, where: str) -> list[str]:
 
 
 def _load_json(path: Path, column: str | None) -> list[str]:
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise _fail(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg}). Fix it.") from None
-    if not isinstance(data, list):
-        raise _fail(f"{path} must hold a JSON list of prompts (or of objects with a text field).")
-    return _from_records(data, column, str(path))
-
-
-def _load_jsonl(path: Path, column: str | None) -> list[str]:
-    rows: list[Any] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                message = f"{path} line {number} is not valid JSON ({exc.msg}). Fix it."
-                raise _fail(message) from None
-    return _from_records(rows, column, str(path))
+    """A .json list or .jsonl lines of prompts (strings, or objects with a text field)."""
+    return _from_records([row for _, row in read_json_rows(path)], column, str(path))
 
 
 def _load_table(path: Path, column: str | None) -> list[str]:
@@ -181,10 +155,8 @@ def _load_file(path: Path, column: str | None) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return _read_text(path).splitlines()
-    if suffix == ".json":
+    if suffix in (".json", ".jsonl"):
         return _load_json(path, column)
-    if suffix == ".jsonl":
-        return _load_jsonl(path, column)
     if suffix in (".csv", ".parquet"):
         return _load_table(path, column)
     raise _fail(
@@ -194,47 +166,7 @@ def _load_file(path: Path, column: str | None) -> list[str]:
 
 
 def _load_hub(name: str, split: str, column: str | None, revision: str | None) -> list[str]:
-    import datasets
-    from datasets.exceptions import DatasetNotFoundError
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-    )
-
-    from pipeline.hub_token import check_access, token_kwargs
-
-    at = f" (revision {revision!r})" if revision else ""
-    try:
-        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/hub_token.py)
-        check_access(name, revision, "dataset")
-        dataset = datasets.load_dataset(name, split=split, revision=revision, **token_kwargs())
-    except (GatedRepoError, DatasetNotFoundError, RepositoryNotFoundError) as exc:
-        # datasets words a gated repo only in its message; the Hub's own 404 text mentions "gated" too
-        if isinstance(exc, GatedRepoError) or (isinstance(exc, DatasetNotFoundError) and "gated" in str(exc).lower()):
-            raise _fail(
-                f"Hub dataset {name!r} is gated: accept its terms at "
-                f"https://huggingface.co/datasets/{name} and set HF_TOKEN to that account's token.",
-                AuthError,
-            ) from None
-        raise _fail(
-            f"Hub dataset {name!r}{at} not found, or private (then set HF_TOKEN). Check the name, "
-            f"or use a built-in set ({', '.join(builtin_names())}) or a local file.",
-            HubError,
-        ) from None
-    except (ConnectionError, TimeoutError, HfHubHTTPError) as exc:
-        raise _fail(
-            f"Hub dataset {name!r} could not be loaded: {exc}. Check the network and "
-            "HF_HUB_OFFLINE, or use a built-in set or a local file.",
-            HubError,
-        ) from None
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise _fail(f"Split {split!r} not found in Hub dataset {name!r} ({exc}).") from None
-        raise _fail(f"Cannot load Hub dataset {name!r}{at}: {exc}", HubError) from None
-    except OSError as exc:
-        message = f"Cannot load Hub dataset {name!r}{at}: {exc}. Check the name."
-        raise _fail(message, HubError) from None
+    dataset = load_hub_dataset(name, split, revision)
     where = f"Hub dataset {name!r} split {split!r}"
     chosen = _pick_column(list(dataset.column_names), column, where)
     return _texts(dataset[chosen], chosen, where)
@@ -250,28 +182,24 @@ def load_prompts(
     """Load a prompt set from a built-in name, a local file or a Hub dataset (see module doc)."""
     spec = spec.strip()
     names = builtin_names()
-    path = Path(spec).expanduser()
     eval_prompts: tuple[str, ...] = ()
     if not spec:
         choices = ", ".join(names)
         raise _fail(f"No prompt set given. Use a built-in name ({choices}), a file or a Hub id.")
-    if spec in names:
+    kind, path = locate(spec, names, FILE_EXTENSIONS)
+    if kind == "builtin":
         raw = _read_text(PROMPTS_DIR / f"{spec}.txt").splitlines()
         eval_path = PROMPTS_DIR / f"{spec}{EVAL_SUFFIX}"
         if eval_path.is_file():
             eval_prompts = _clean(_read_text(eval_path).splitlines())
         where = f"built-in prompt set {spec!r}"
-    elif path.is_file():
+    elif kind == "file":
         raw, where = _load_file(path, column), f"prompt file {path}"
-    elif path.exists():
+    elif kind == "folder":
         raise _fail(f"{path} is not a file. Give a prompt file ({', '.join(FILE_EXTENSIONS)}).")
-    elif (
-        path.suffix.lower() in FILE_EXTENSIONS
-        or spec.startswith((".", "/", "~"))
-        or spec.count("/") > 1
-    ):
+    elif kind == "missing":
         raise _fail(f"Prompt file not found: {path}. Check the path.")
-    elif _HUB_ID.match(spec):
+    elif kind == "hub":
         raw, where = _load_hub(spec, split, column, revision), f"Hub dataset {spec!r}"
     else:
         raise _fail(

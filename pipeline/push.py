@@ -188,6 +188,21 @@ def _token() -> str:
     return token
 
 
+def writable_namespaces(api: HfApi) -> tuple[str, set[str]]:
+    """The token's user name and the namespaces it may write to (itself and its organisations)."""
+    me = with_retries(lambda: api.whoami(), "checking the token")
+    name = str(me.get("name") or "")
+    return name, {name} | {str(org.get("name")) for org in me.get("orgs") or [] if org.get("name")}
+
+
+def check_namespace(repo_id: str, user: str, allowed: set[str]) -> None:
+    """AuthError unless `repo_id`'s owner is one of `allowed`: asked before any long job or upload."""
+    namespace = repo_id.split("/")[0]
+    if namespace not in allowed:
+        raise AuthError(f"{user} cannot publish to {repo_id!r} (no write access to {namespace!r}): use your name "
+                        f"or one of your organisations ({', '.join(sorted(a for a in allowed if a))})")
+
+
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 create_pr: bool = False, commit_message: str | None = None, api: HfApi | None = None) -> str:
     """Upload `folder` to `repo_id`; returns the repo URL (branch URL, or PR URL with create_pr).
@@ -211,12 +226,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
 
     step = "checking the token"
     try:
-        me = with_retries(lambda: api.whoami(), step)
-        namespace = repo_id.split("/")[0]
-        allowed = {me.get("name")} | {org.get("name") for org in me.get("orgs") or []}
-        if namespace not in allowed:
-            raise AuthError(f"{me.get('name')} cannot create or write repos in the namespace {namespace!r} "
-                            f"(yours: {', '.join(sorted(a for a in allowed if a))})")
+        check_namespace(repo_id, *writable_namespaces(api))
         if not (folder / "README.md").is_file():
             step = "writing the model card"
             card.write_card(folder, repo_id, api)

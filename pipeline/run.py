@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,44 +13,33 @@ from pipeline import directions as dirs
 from pipeline import fingerprint, stages
 from pipeline.abliterate import EditConfig, check_editable_in_memory
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, is_gguf, load_model
+from pipeline.loading import LoadConfig, Loaded, free_memory, is_gguf, load_model
 from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.progress import Progress, say
+from pipeline.stages import AbliterateJob
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AbliterateJob:
-    """Everything one abliteration needs; each part is a stage's own config."""
-
-    model: str
-    out: Path
-    layer: str = "best"
-    directions_file: Path | None = None
-    streaming: bool = False
-    overwrite: bool = False
-    evaluate: bool = True
-    load: LoadConfig = field(default_factory=LoadConfig)
-    prompts: stages.PromptsConfig = field(default_factory=stages.PromptsConfig)
-    measure: dirs.DirectionsConfig = field(default_factory=dirs.DirectionsConfig)
-    edit: EditConfig = field(default_factory=EditConfig)
-    eval: object | None = None  # pipeline.evaluate.EvalConfig; None: its defaults
-
-
-def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measure, progress=None) -> dirs.Directions:
-    """Measure and save directions (the `directions` command)."""
+def directions_only(model: str, out: Path, load: LoadConfig, prompts_cfg, measure, progress=None,
+                    loaded: Loaded | None = None) -> dirs.Directions:
+    """Measure and save directions (the `directions` command); `loaded`: the model, already loaded."""
     prompts = stages.resolve_prompts(model, prompts_cfg)
-    say(progress, f"loading {model}")
-    loaded = load_model(model, load)
+    if loaded is None:
+        say(progress, f"loading {model}")
+        loaded = load_model(model, load)
     say(progress, "measuring refusal directions")
     d = stages.measure_directions(loaded, prompts, measure, progress=progress)
     dirs.save(d, out)
     return d
 
 
-def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
-    """Run one abliteration into job.out; returns a summary (paths, layer, evaluation)."""
+def abliterate(job: AbliterateJob, progress: Progress | None = None, loaded: Loaded | None = None) -> dict:
+    """Run one abliteration into job.out; returns a summary (paths, layer, evaluation).
+
+    `loaded`: the base model when the caller has it already (it measured the directions): each
+    model is loaded once per job, and the in-memory edit changes this very model.
+    """
     check_target(job.out, job.overwrite)
     if job.streaming and is_gguf(job.model, job.load):
         raise UserError("--streaming edits safetensors shards: a GGUF file is dequantized and edited in memory "
@@ -60,12 +48,14 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
         raise UserError("--load-in-4bit needs --streaming: the 4-bit model is only measured, and the edit is "
                         "applied to the full-precision shards on disk")
     prompts = stages.resolve_prompts(job.model, job.prompts)
-    loaded = None
     if job.directions_file:
         d = dirs.load(job.directions_file)
+        if loaded is not None and not job.streaming:
+            check_editable_in_memory(loaded.model)
     else:
-        say(progress, f"loading {job.model}")
-        loaded = load_model(job.model, job.load)
+        if loaded is None:
+            say(progress, f"loading {job.model}")
+            loaded = load_model(job.model, job.load)
         if not job.streaming:  # fail now, not after the base evaluation, when offloaded weights cannot be edited
             check_editable_in_memory(loaded.model)
         say(progress, "measuring refusal directions")
@@ -104,43 +94,24 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None) -> dict:
     return {"out": str(job.out), "changed_tensors": changed, "layer": layer_info, "recipe": rec, "eval": results}
 
 
-def _base_reference(loaded, prompts, job: AbliterateJob, progress):
-    from pipeline import evaluate as ev
-
+def _base_reference(loaded: Loaded, prompts: stages.Prompts, job: AbliterateJob, progress):
     say(progress, "evaluating the base model")
-    cfg = job.eval or ev.EvalConfig()
-    return ev.reference(
-        loaded.model, loaded.tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate, cfg, model_id=job.model
-    )
+    return stages.base_reference(loaded.model, loaded.tokenizer, prompts, job.eval, job.model)
 
 
-def _evaluate(job: AbliterateJob, folder: Path, loaded, prompts, reference, progress) -> dict:
-    from pipeline import evaluate as ev
-
-    cfg = job.eval or ev.EvalConfig()
+def _evaluate(job: AbliterateJob, folder: Path, loaded: Loaded | None, prompts: stages.Prompts, reference,
+              progress) -> dict:
+    """The edited model against the base; `loaded` None: read the edited model from `folder`."""
     say(progress, "evaluating the edited model")
     if reference is None:
         base = load_model(job.model, job.load)
         reference = _base_reference(base, prompts, job, progress)
         del base
+        free_memory()
     if loaded is None:  # streaming: the edited model exists only on disk
         loaded = load_model(str(folder), job.load)
-    sources = {
-        "harmful": {"source": prompts.harmful.source, "split": "eval"},
-        "harmless": {"source": prompts.harmless.source, "split": "eval"},
-    }
-    return ev.evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        prompts.harmful.evaluate,
-        prompts.harmless.evaluate,
-        cfg,
-        base=reference,
-        model_id=str(job.out),
-        base_id=job.model,
-        prompt_sources=sources,
-        groups=prompts.eval_groups(),
-    )
+    return stages.evaluate_model(loaded.model, loaded.tokenizer, prompts, job.eval, reference, str(job.out),
+                                 job.model)
 
 
 class RunJob(BaseModel):
@@ -183,33 +154,38 @@ def _configs(options: dict[str, Any], *classes):
 
 
 def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
-    from pipeline import directions as dirs_mod
+    """Measure (or reuse) the directions, edit, evaluate: the base model is loaded once for all three."""
+    from pipeline import evaluate as ev
 
-    load, prompts, measure, edit = _configs(
-        job.options, LoadConfig, stages.PromptsConfig, dirs.DirectionsConfig, EditConfig
+    load, prompts, measure, edit, eval_cfg = _configs(
+        job.options, LoadConfig, stages.PromptsConfig, dirs.DirectionsConfig, EditConfig, ev.EvalConfig
     )
+    streaming = bool(job.options.get("streaming", False))
     work = _work_dir(out) / "directions"
     expected = fingerprint.stage_fingerprints(job.model, job.method, job.options)["directions"]
-    if (work / dirs_mod.DIRECTIONS_JSON).exists() and fingerprint.matches(work, "directions", expected):
+    loaded = None
+    if (work / dirs.DIRECTIONS_JSON).exists() and fingerprint.matches(work, "directions", expected):
         say(progress, f"reusing directions measured earlier ({work})")
     else:
         if work.exists():  # our own hidden work folder, measured for another model, prompts or settings
             shutil.rmtree(work)
-        directions_only(job.model, work, load, prompts, measure, progress)
+        say(progress, f"loading {job.model}")
+        loaded = load_model(job.model, load)
+        directions_only(job.model, work, load, prompts, measure, progress, loaded=loaded)
         fingerprint.record(work, directions=expected)
     ajob = AbliterateJob(
         model=job.model,
         out=out,
         layer=str(job.options.get("layer", "best")),
         directions_file=work,
-        streaming=bool(job.options.get("streaming", False)),
-        evaluate=False,
+        streaming=streaming,
         load=load,
         prompts=prompts,
         measure=measure,
         edit=edit,
+        eval=eval_cfg,
     )
-    abliterate(ajob, progress)
+    abliterate(ajob, progress, loaded=loaded)
 
 
 def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
@@ -267,17 +243,14 @@ def _tune_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
 
 
 def _evaluate_folder(job: RunJob, out: Path, progress: Progress | None) -> dict:
+    """Evaluate a finished output folder again (its evaluation settings changed): base and edited, once each."""
     from pipeline import evaluate as ev
     from pipeline.output import read_json
 
     load, prompts_cfg, eval_cfg = _configs(job.options, LoadConfig, stages.PromptsConfig, ev.EvalConfig)
     prompts = stages.resolve_prompts(job.model, prompts_cfg)
-    base = load_model(job.model, load)
     ajob = AbliterateJob(model=job.model, out=out, load=load, eval=eval_cfg)
-    reference = _base_reference(base, prompts, ajob, progress)
-    del base
-    results = _evaluate(ajob, out, None, prompts, reference, progress)
-    write_json(out / EVAL_FILE, results)
+    write_json(out / EVAL_FILE, _evaluate(ajob, out, None, prompts, None, progress))
     return read_json(out / EVAL_FILE)
 
 
@@ -323,7 +296,7 @@ def _run_job(job: RunJob, progress: Progress | None, token: str | bool | None) -
         _clear_stale(out, progress)
         _produce(job, out, progress)
         fingerprint.record(out, edit=fps["edit"])
-        if (out / EVAL_FILE).exists():  # auto, dpo and steer evaluate as they make the model
+        if (out / EVAL_FILE).exists():  # every method evaluates as it makes the model
             fingerprint.record(out, eval=fps["eval"])
     if (out / EVAL_FILE).exists() and fingerprint.matches(out, "eval", fps["eval"]):
         results = read_json(out / EVAL_FILE)

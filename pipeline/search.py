@@ -39,7 +39,7 @@ from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, 
 from pipeline.progress import Progress
 
 if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
-    from pipeline.run import AbliterateJob
+    from pipeline.stages import AbliterateJob
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "abliterate"
@@ -341,11 +341,15 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
     return done
 
 
+def _scored(trial: Any) -> Scored:
+    return Scored(trial.number, trial.values[0], trial.values[1], dict(trial.params),
+                  trial.user_attrs.get("result", {}).get("layer", {}))
+
+
 def completed(study: Any) -> list[Scored]:
     from optuna.trial import TrialState
 
-    return [Scored(t.number, t.values[0], t.values[1], dict(t.params), t.user_attrs.get("result", {}).get("layer", {}))
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return [_scored(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
 def refusal_of(results: dict) -> float:
@@ -383,13 +387,9 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     return out
 
 
-def pareto_front(trials: list[Scored]) -> list[Scored]:
-    """Trials that no other trial beats on both refusal and KL (sorted by refusal)."""
-    def dominated(t: Scored) -> bool:
-        return any(u.refusal <= t.refusal and u.kl <= t.kl and (u.refusal < t.refusal or u.kl < t.kl)
-                   for u in trials)
-
-    return sorted((t for t in trials if not dominated(t)), key=lambda t: (t.refusal, t.kl, t.number))
+def pareto_front(study: Any) -> list[Scored]:
+    """Trials that no other trial beats on both refusal and KL (Optuna's `best_trials`), sorted by refusal."""
+    return sorted((_scored(t) for t in study.best_trials), key=lambda t: (t.refusal, t.kl, t.number))
 
 
 def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
@@ -429,25 +429,29 @@ def front_table(front: list[Scored], chosen: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_pareto(trials: list[Scored], front: list[Scored], chosen: Scored, limit: float, path: Path) -> None:
+def plot_pareto(study: Any, chosen: Scored, limit: float, path: Path) -> None:
+    """Optuna's Pareto-front chart of the study, with the chosen trial and the refusal target marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization.matplotlib import plot_pareto_front
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for group, style in ((trials, {"s": 18, "color": "tab:gray", "alpha": 0.6, "label": "trials"}),
-                         (front, {"s": 30, "color": "tab:blue", "label": "Pareto front"})):
-        ax.scatter([100 * t.refusal for t in group], [t.kl for t in group], **style)
-    ax.plot([100 * t.refusal for t in front], [t.kl for t in front], color="tab:blue", drawstyle="steps-post")
-    ax.scatter([100 * chosen.refusal], [chosen.kl], marker="*", s=250, color="tab:red", zorder=5,
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = plot_pareto_front(study, target_names=["refusal rate (evaluation prompts)",
+                                                    "KL divergence (harmless, first token)"])
+    ax.scatter([chosen.refusal], [chosen.kl], marker="*", s=250, color="tab:red", zorder=5,
                label=f"chosen (trial {chosen.number})")
-    ax.axvline(100 * limit, color="tab:green", linestyle="--", label=f"refusal target {limit:.1%}")
-    if all(t.kl > 0 for t in trials) and max(t.kl for t in trials) > 100 * min(t.kl for t in trials):
+    ax.axvline(limit, color="tab:green", linestyle="--", label=f"refusal target {limit:.1%}")
+    kls = [t.kl for t in completed(study)]
+    if all(k > 0 for k in kls) and max(kls) > 100 * min(kls):
         ax.set_yscale("log")
-    ax.set(xlabel="refusal rate on evaluation prompts (%)", ylabel="KL divergence (harmless, first token)",
-           title="Automatic search: refusal vs damage")
+    ax.set_title("Automatic search: refusal vs damage")
     ax.legend(fontsize=8)
+    fig = ax.figure
+    fig.set_size_inches(7, 4)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -531,7 +535,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
             f"base refusal rate {bench.base_rates['trial']:.1%} on the trial part")
         run_trials(study, bench, cfg, job.edit, say, space)
         trials = completed(study)
-        front, default = pareto_front(trials), default_trial(study, trials)
+        front, default = pareto_front(study), default_trial(study, trials)
         picks = rank(front, cfg.target * bench.base_rates["trial"])[:cfg.finalists]
         picks += [default] if default is not None and default not in picks else []
         finalists = confirm(bench, picks, job.edit, say)
@@ -541,7 +545,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
-    return _save(job, cfg, bench, prompts, result, path, default, say)
+    return _save(job, cfg, bench, prompts, result, path, default, say, study)
 
 
 def _on_test(results: dict) -> dict[str, Any]:
@@ -550,7 +554,7 @@ def _on_test(results: dict) -> dict[str, Any]:
 
 
 def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
-          path: Path, default: Scored | None, say: Progress) -> dict[str, Any]:
+          path: Path, default: Scored | None, say: Progress, study: Any) -> dict[str, Any]:
     edit, spec = to_edit(result.chosen.params, job.edit)
     direction, layer = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
@@ -577,7 +581,7 @@ def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stag
         report = {**summary, "config": cfg.model_dump(mode="json"), "trials_all": [asdict(t) for t in result.trials],
                   "table": front_table(result.front, result.chosen.number)}
         write_json(tmp / SEARCH_FILE, report)
-        plot_pareto(result.trials, result.front, result.chosen, result.limit, tmp / PARETO_PNG)
+        plot_pareto(study, result.chosen, result.limit, tmp / PARETO_PNG)
     say(f"wrote {job.out}")
     return {"out": str(job.out), "changed_tensors": changed, "layer": layer, "recipe": rec, "eval": results,
             "search": summary}

@@ -7,7 +7,7 @@ these; the CLI's `directions` and `abliterate` commands call them directly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,24 @@ class Prompts:
         return [s for s in sources if is_hub_id(s)]
 
 
+@dataclass(frozen=True)
+class AbliterateJob:
+    """Everything one abliteration needs; each part is a stage's own config."""
+
+    model: str
+    out: Path
+    layer: str = "best"
+    directions_file: Path | None = None
+    streaming: bool = False
+    overwrite: bool = False
+    evaluate: bool = True
+    load: LoadConfig = field(default_factory=LoadConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    measure: dirs.DirectionsConfig = field(default_factory=dirs.DirectionsConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    eval: object | None = None  # pipeline.evaluate.EvalConfig; None: its defaults
+
+
 def _interleave(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
     """Round-robin over the sets, so a cap on the number of prompts takes from each set alike."""
     out: list[str] = []
@@ -139,6 +157,25 @@ def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
         merged.append(_merge(splits, max_measure))
         sets = sets or splits
     return Prompts(merged[0], merged[1], tuple(sets))
+
+
+def base_reference(model, tokenizer, prompts: Prompts, cfg=None, model_id: str | None = None):
+    """The base side of every evaluation (abliterate, tune, steer, evaluate): measured once, before any edit."""
+    from pipeline import evaluate as ev
+
+    return ev.reference(model, tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate,
+                        cfg or ev.EvalConfig(), model_id=model_id)
+
+
+def evaluate_model(model, tokenizer, prompts: Prompts, cfg=None, reference=None, model_id: str | None = None,
+                   base_id: str | None = None) -> dict:
+    """`eval_results.json` of `model` on the held-out prompts, against `reference`, with per-set rates."""
+    from pipeline import evaluate as ev
+
+    sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
+    return ev.evaluate(model, tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate, cfg or ev.EvalConfig(),
+                       base=reference, model_id=model_id, base_id=base_id, prompt_sources=sources,
+                       groups=prompts.eval_groups())
 
 
 def measure_directions(

@@ -30,14 +30,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, local_path
-from pipeline.output import EVAL_FILE, check_target, sha256_file, staged_folder, write_json, write_recipe
+from pipeline.loading import LoadConfig, free_memory, load_causal_lm, local_path, unquantized
+from pipeline.output import (
+    EVAL_FILE,
+    atomic_file,
+    check_target,
+    sha256_file,
+    staged_folder,
+    tensor_index,
+    write_json,
+    write_recipe,
+)
 from pipeline.progress import Progress, say
+from pipeline.sources import is_hub_id
 from pipeline.stages import PromptsConfig
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
 SKIP_FILES = {"recipe.json", EVAL_FILE, "README.md", ".gitattributes", "strengths.png"}
 _LAYER = re.compile(r"\.layers\.(\d+)\.(.+)\.weight$")
 
@@ -73,21 +82,10 @@ class SteerConfig(BaseModel):
 
 
 def shard_map(folder: Path) -> dict[str, str]:
-    """Tensor name -> shard file name of a saved model folder."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
-    names: dict[str, str] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        if shard.name.startswith(("directions", "adapter_model")):
-            continue
-        with safe_open(str(shard), framework="pt") as handle:
-            names.update(dict.fromkeys(handle.keys(), shard.name))
+    """Tensor name -> shard file name; a one-line error when the folder holds no model weights."""
+    names = tensor_index(folder)
     if not names:
-        adapter = (folder / "adapter_config.json").exists()
+        adapter = (Path(folder) / "adapter_config.json").exists()
         hint = " (an adapter-only folder: tune it without --adapter-only)" if adapter else ""
         raise UserError(f"no safetensors model weights in '{folder}'{hint}")
     return names
@@ -97,10 +95,8 @@ def save_vector(vector: dict[str, Any], path: Path, meta: dict[str, str]) -> Pat
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in vector.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in vector.items()}, str(tmp), metadata=meta)
     return path
 
 
@@ -129,9 +125,9 @@ def adapter_difference(model_id: str, positive: Path, negative: Path, load: Load
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from pipeline.tune import _no_quantization, load_causal_lm, quiet_renames
+    from pipeline.tune import quiet_renames
 
-    base = load_causal_lm(model_id, _no_quantization(load), place=False)
+    base = load_causal_lm(model_id, unquantized(load), place=False)
     with quiet_renames():
         model = PeftModel.from_pretrained(base, str(positive), adapter_name="positive")
     model.load_adapter(str(negative), adapter_name="negative")
@@ -218,25 +214,19 @@ def write_steered(base_dir: Path, vector: dict[str, Any], k: float, folder: Path
 
 
 def _evaluate(model_id: str, folder: Path, out: Path, load: LoadConfig, prompts_cfg, eval_cfg, progress) -> tuple:
-    from pipeline import evaluate as ev
     from pipeline.loading import load_tokenizer
-    from pipeline.stages import resolve_prompts
-    from pipeline.tune import _free, _no_quantization, load_causal_lm
+    from pipeline.stages import base_reference, evaluate_model, resolve_prompts
 
-    cfg = eval_cfg or ev.EvalConfig()
     prompts = resolve_prompts(model_id, prompts_cfg or PromptsConfig())
-    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     tokenizer = load_tokenizer(local_path(model_id, load), load)
     say(progress, "evaluating the base model")
-    base = load_causal_lm(model_id, _no_quantization(load))
-    reference = ev.reference(base, tokenizer, harmful, harmless, cfg, model_id=model_id)
+    base = load_causal_lm(model_id, unquantized(load))
+    reference = base_reference(base, tokenizer, prompts, eval_cfg, model_id)
     del base
-    _free()
+    free_memory()
     say(progress, "evaluating the steered model")
-    steered = load_causal_lm(str(folder), _no_quantization(load).model_copy(update={"revision": None}))
-    sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
-    return ev.evaluate(steered, tokenizer, harmful, harmless, cfg, base=reference, model_id=str(out),
-                       base_id=model_id, prompt_sources=sources), prompts
+    steered = load_causal_lm(str(folder), unquantized(load).model_copy(update={"revision": None}))
+    return evaluate_model(steered, tokenizer, prompts, eval_cfg, reference, str(out), model_id), prompts
 
 
 def steer(
@@ -292,10 +282,9 @@ def steer(
 
 
 def _is_hub(spec: str) -> bool:
-    from pipeline.pairs import BUILTIN_SETS, _split_pick
+    from pipeline.pairs import split_pick
 
-    source = _split_pick(spec)[0]
-    return source not in BUILTIN_SETS and not Path(source).exists() and source.count("/") == 1
+    return is_hub_id(split_pick(spec)[0])
 
 
 # ---------------------------------------------------------------- monitoring

@@ -16,7 +16,6 @@ and the abliterated model (answers), then DPO on the abliterated model.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import shutil
@@ -30,7 +29,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, load_tokenizer, local_path
+from pipeline.loading import (
+    LoadConfig,
+    free_memory,
+    load_causal_lm,
+    load_tokenizer,
+    local_path,
+    model_kwargs,
+    unquantized,
+)
 from pipeline.output import EVAL_FILE, RECIPE_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.pairs import TrainingData, load_training_data, to_conversational
 from pipeline.progress import Progress, say
@@ -106,10 +113,6 @@ def quiet_renames() -> Iterator[None]:
 
 
 
-def _no_quantization(load: LoadConfig) -> LoadConfig:
-    return load.model_copy(update={"load_in_4bit": False})
-
-
 def check_eval_inputs(model_id: str, prompts_cfg: PromptsConfig | None, eval_cfg) -> None:
     """Resolve the evaluation prompts and markers now, so bad input fails before any training."""
     from pipeline import evaluate as ev
@@ -120,19 +123,6 @@ def check_eval_inputs(model_id: str, prompts_cfg: PromptsConfig | None, eval_cfg
     ev.markers_for(cfg)
     if cfg.perplexity and cfg.perplexity_file and not Path(cfg.perplexity_file).is_file():
         raise UserError(f"perplexity text not found: {cfg.perplexity_file}")
-
-
-def load_causal_lm(model_id: str, load: LoadConfig = LoadConfig(), place: bool = True):
-    """Any causal LM (no architecture-table check: tuning works on every model)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.loading import _model_kwargs
-
-    model = AutoModelForCausalLM.from_pretrained(local_path(model_id, load), **_model_kwargs(load))
-    if place and not load.device_map and not load.load_in_4bit and torch.cuda.is_available():
-        model.to("cuda")
-    return model.eval()
 
 
 def trainer_args(cfg: TuneConfig, output_dir: Path):
@@ -188,8 +178,6 @@ def train_adapter(
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer, SFTTrainer
 
-    from pipeline.loading import _model_kwargs
-
     args = trainer_args(cfg, work / "trainer")  # first: DeepSpeed ZeRO-3 must see it before the model loads
     if not log.isEnabledFor(logging.INFO):
         import datasets
@@ -202,7 +190,7 @@ def train_adapter(
         per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
         epoch_steps = math.ceil(cfg.epochs * len(dataset) / per_step)
         args.max_steps = max(cfg.min_steps, epoch_steps)  # steps scale with the pairs, never below the floor
-    kwargs = _model_kwargs(load)
+    kwargs = model_kwargs(load)
     if args.distributed_state.distributed_type != "NO":
         kwargs.pop("device_map", None)  # the trainer places each process's copy
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -218,16 +206,8 @@ def train_adapter(
     trainer.accelerator.wait_for_everyone()
     main = trainer.is_world_process_zero()
     del trainer, model
-    _free()
+    free_memory()
     return adapter, main
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def base_reference_id(model_id: str, load: LoadConfig) -> str:
@@ -262,29 +242,19 @@ def tune_recipe(model_id: str, cfg: TuneConfig, data: TrainingData, load: LoadCo
     }
 
 
-def _evaluate(model, tokenizer, prompts, reference, eval_cfg, out: Path, base_id: str) -> dict:
-    from pipeline import evaluate as ev
-
-    sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
-    return ev.evaluate(model, tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate, eval_cfg or
-                       ev.EvalConfig(), base=reference, model_id=str(out), base_id=base_id, prompt_sources=sources)
-
-
 def _reference(model, tokenizer, prompts, eval_cfg, model_id: str, eval_base: str | None, load: LoadConfig):
     """The base side of the evaluation: ``eval_base`` when given, else ``model`` with its adapter disabled."""
-    from pipeline import evaluate as ev
+    from pipeline.stages import base_reference
 
-    cfg = eval_cfg or ev.EvalConfig()
-    harmful, harmless = prompts.harmful.evaluate, prompts.harmless.evaluate
     if eval_base:
-        base = load_causal_lm(eval_base, _no_quantization(load))
+        base = load_causal_lm(eval_base, unquantized(load))
         base_tok = load_tokenizer(local_path(eval_base, load), load)
-        ref = ev.reference(base, base_tok, harmful, harmless, cfg, model_id=eval_base)
+        ref = base_reference(base, base_tok, prompts, eval_cfg, eval_base)
         del base
-        _free()
+        free_memory()
         return ref
     with model.disable_adapter():
-        return ev.reference(model, tokenizer, harmful, harmless, cfg, model_id=model_id)
+        return base_reference(model, tokenizer, prompts, eval_cfg, model_id)
 
 
 def write_tuned(
@@ -296,9 +266,9 @@ def write_tuned(
     """Base + trained adapter -> the output folder (merged model or adapter), recipe, evaluation."""
     from peft import PeftModel
 
-    from pipeline.stages import resolve_prompts
+    from pipeline.stages import evaluate_model, resolve_prompts
 
-    load_plain = _no_quantization(load)  # merging needs unquantized weights
+    load_plain = unquantized(load)  # merging needs unquantized weights
     tokenizer = load_tokenizer(local_path(model_id, load), load)
     with quiet_renames():
         model = PeftModel.from_pretrained(load_causal_lm(model_id, load_plain), str(adapter))
@@ -326,7 +296,7 @@ def write_tuned(
         rec = write_recipe(tmp, tune_recipe(model_id, cfg, data, load, prompts, extra))
         if evaluate:
             say(progress, "evaluating the tuned model")
-            results = _evaluate(final, tokenizer, prompts, reference, eval_cfg, out, eval_base or model_id)
+            results = evaluate_model(final, tokenizer, prompts, eval_cfg, reference, str(out), eval_base or model_id)
             write_json(tmp / EVAL_FILE, results)
     say(progress, f"wrote {out}")
     return {"out": str(out), "recipe": rec, "eval": results}
@@ -370,8 +340,8 @@ def heal(
     answer over the abliterated model's where they differ. The pairs are kept in ``OUT/heal_pairs.jsonl``;
     the abliteration recipe (with its evaluation, when it was evaluated) is kept under ``abliteration``.
     """
-    from pipeline.output import read_json
-    from pipeline.pairs import heal_pairs, write_jsonl
+    from pipeline.output import read_json, write_jsonl
+    from pipeline.pairs import heal_pairs
     from pipeline.stages import resolve_prompts
 
     out, abliterated = Path(out), str(abliterated)
@@ -387,7 +357,7 @@ def heal(
         say(progress, f"{stats['pairs']} pairs: {stats['refusal_pairs']} where the base refused and the abliterated "
                       f"model answers, {stats['harmless_pairs']} harmless ones pulling it back to the base")
         pairs_file = out.parent / f".{out.name}.heal_pairs.jsonl"
-        write_jsonl(rows, pairs_file, overwrite=True)
+        write_jsonl(rows, pairs_file)
         data, pairs_info = str(pairs_file), stats
     recipe_file, eval_file = Path(abliterated) / RECIPE_FILE, Path(abliterated) / EVAL_FILE
     extra = {
@@ -412,7 +382,7 @@ def heal(
 if __name__ == "__main__":  # `python -m pipeline.tune ...` and `accelerate launch -m pipeline.tune ...`
     import sys
 
-    from pipeline.tune_cli import main
+    from pipeline.cli import main
 
     flags = [a for a in sys.argv[1:] if a in ("-v", "--verbose")]
     sys.exit(main([*flags, "tune", *[a for a in sys.argv[1:] if a not in flags]]))

@@ -1,8 +1,8 @@
 """CLI of the tuning commands: `tune`, `pairs` and `steer` (flags generated from the configs).
 
-`add_parsers(subparsers)` registers them on the main `python -m pipeline` parser; `main(argv)`
-runs them stand-alone (`python -m pipeline.tune ...` calls ``main(["tune", ...])``, which is
-also the entry point under ``accelerate launch -m pipeline.tune``).
+`add_parsers(subparsers)` registers them on the main `python -m pipeline` parser; `python -m
+pipeline.tune ...` (also the entry point under ``accelerate launch -m pipeline.tune``) is
+``python -m pipeline tune ...``.
 """
 
 from __future__ import annotations
@@ -203,18 +203,3 @@ def add_parsers(subparsers) -> None:
     _tune_parser(subparsers)
     _pairs_parser(subparsers)
     _steer_parser(subparsers)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Tuning commands.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log progress details.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parsers(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone runner with the main CLI's conventions (one-line errors, exit codes)."""
-    from pipeline.cli import run_parser
-
-    return run_parser(build_parser(), argv)

@@ -98,10 +98,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 def card_markdown(card: str, charts: dict[str, bytes]) -> str:
     """The card without its YAML front matter; its chart links inlined (the files are gone)."""
-    body = card
-    if body.startswith("---"):
-        end = body.find("\n---", 3)
-        body = body[end + 4:].lstrip("\n") if end != -1 else body
+    from huggingface_hub import ModelCard
+
+    body = ModelCard(card, ignore_metadata_errors=True).text.lstrip("\n") if card.startswith("---") else card
 
     def inline(match: re.Match[str]) -> str:
         data = charts.get(match.group(1))

@@ -62,7 +62,6 @@ class JobResult:
     repo_id: str | None
     card: str
     charts: dict[str, bytes]
-    workdir: str
     chat_key: str | None = None
     recipe: dict[str, Any] = field(default_factory=dict)
     download: str | None = None  # a dry run's result as a zip
@@ -83,20 +82,17 @@ def resolve_repo(request: JobRequest) -> JobRequest:
     """Fill in the default repo and check the user may write there (fails fast, before the long job)."""
     from huggingface_hub import HfApi
 
-    from pipeline.push import check_repo_id, hub_error
+    from pipeline.push import check_namespace, check_repo_id, hub_error, writable_namespaces
 
     if not request.publish:
         return _dry_run_target(request)
     try:
-        me = HfApi(token=request.token).whoami()
+        user, allowed = writable_namespaces(HfApi(token=request.token))
     except Exception as err:  # noqa: BLE001 - any Hub failure becomes one line
         raise hub_error(err, "checking the token", request.token) from None
-    repo_id = (request.repo_id or "").strip() or auth.default_repo(me.get("name"), request.model_id, request.method)
+    repo_id = (request.repo_id or "").strip() or auth.default_repo(user, request.model_id, request.method)
     check_repo_id(repo_id)
-    allowed = {me.get("name")} | {o.get("name") for o in me.get("orgs") or []}
-    if repo_id.split("/")[0] not in allowed:
-        raise AuthError(f"{me.get('name')} cannot publish to {repo_id!r}: use your name or one of your "
-                        f"organisations ({', '.join(sorted(a for a in allowed if a))})")
+    check_namespace(repo_id, user, allowed)
     return dataclasses.replace(request, repo_id=repo_id)
 
 
@@ -135,7 +131,7 @@ def _collect(out: Path, summary: dict[str, Any]) -> JobResult:
     charts = {name: (out / name).read_bytes() for name in CHARTS if (out / name).is_file()}
     card = (out / "README.md").read_text(encoding="utf-8") if (out / "README.md").is_file() else ""
     recipe = read_json(out / RECIPE_FILE) if (out / RECIPE_FILE).is_file() else {}
-    return JobResult(summary["eval"], summary.get("url"), summary.get("repo_id"), card, charts, str(out.parent),
+    return JobResult(summary["eval"], summary.get("url"), summary.get("repo_id"), card, charts,
                      recipe=recipe)
 
 

@@ -19,8 +19,14 @@ TRANSFORMERS_NAMES = (
     "PreTrainedTokenizerFast",
 )
 PIPELINE_MODULES = (
-    "pipeline.run", "pipeline.evaluate", "pipeline.directions", "pipeline.selection", "pipeline.gguf",
-    "pipeline.card", "pipeline.push", "pipeline.demo",
+    "pipeline.run",
+    "pipeline.evaluate",
+    "pipeline.directions",
+    "pipeline.selection",
+    "pipeline.gguf",
+    "pipeline.card",
+    "pipeline.push",
+    "pipeline.demo",
 )
 
 

@@ -2,8 +2,9 @@
 
 Discovery runs on both the in-memory state dict and the saved safetensors
 names, because transformers 5 converts MoE experts and multimodal prefixes on
-load and converts them back on save. The behavioural test proves the table is
-complete: with r removed from every writer, no layer output has a component along r.
+load and converts them back on save. The behavioural tests prove the table is
+complete: with r removed from every writer by the edit itself (`apply_in_memory`, and
+`apply_streaming` on the per-expert files), no layer output has a component along r.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
 from pipeline.architectures import (
     ARCHITECTURES,
-    POST_NORM_MODEL_TYPES,
     WriterMatch,
     find_writers,
     hidden_size_of,
@@ -72,8 +73,6 @@ def test_required_architectures_are_supported():
     assert supported_model_types() == sorted(ARCHITECTURES)
     assert set(supported_model_types()) >= REQUIRED
     assert set(TINY_MODEL_TYPES) >= REQUIRED
-    assert {"gemma2", "gemma3", "gemma3_text"} <= POST_NORM_MODEL_TYPES
-    assert POST_NORM_MODEL_TYPES <= set(ARCHITECTURES)
 
 
 def _check_discovery(
@@ -230,16 +229,25 @@ def test_sizes_of_text_and_multimodal_configs():
 # --- behaviour: the table is complete --------------------------------------------------
 
 
-def _remove_direction(model, model_type: str, r: torch.Tensor) -> int:
-    params = dict(model.named_parameters())
-    matches = find_writers(model_type, params)
-    with torch.no_grad():
-        for m in matches:
-            w = params[m.name].data.movedim(
-                m.hidden_axis, -1
-            )  # a view: edits land in place
-            w -= (w @ r).unsqueeze(-1) * r
-    return len(matches)
+# Full strength on every layer and on the embedding: the edit then removes r from every writer exactly.
+FULL = EditConfig(method="standard", preset=None, kernel="tent", embed_strength=1.0,
+                  attn={"max_weight": 1.0, "min_weight": 1.0, "distance": 1.0},
+                  mlp={"max_weight": 1.0, "min_weight": 1.0, "distance": 1.0})
+
+
+def _random_biases(model, gen: torch.Generator) -> None:
+    with torch.no_grad():  # biases start at zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+
+
+def _assert_no_r_in_residual(model, r: torch.Tensor, input_ids: torch.Tensor) -> None:
+    after = _layer_outputs(model, input_ids)
+    assert len(after) == num_layers_of(model.config)
+    for i, h in enumerate(after):
+        along = (h @ r).abs().max().item()
+        assert along <= 1e-5 * h.norm(dim=-1).max().item(), f"layer {i}: |r.h| = {along}"
 
 
 def _layer_outputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
@@ -279,14 +287,10 @@ BEHAVIOUR_CASES = [
 def test_removing_a_direction_from_all_writers_removes_it_from_the_residual(
     model_type, overrides
 ):
-    assert model_type not in POST_NORM_MODEL_TYPES
     model = tiny_model(model_type, seed=1, **overrides)
     hidden = hidden_size_of(model.config)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # biases start at zero: make them count
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    _random_biases(model, gen)
     r = torch.randn(hidden, generator=gen)
     r /= r.norm()
     input_ids = torch.randint(3, model.config.vocab_size - 3, (2, 7), generator=gen)
@@ -297,11 +301,33 @@ def test_removing_a_direction_from_all_writers_removes_it_from_the_residual(
         max((h @ r).abs().max().item() for h in before) > 1e-3
     )  # r is there to begin with
 
-    assert _remove_direction(model, model_type, r) > 0
-    after = _layer_outputs(model, input_ids)
-    assert len(after) == num_layers_of(model.config)
-    for i, h in enumerate(after):
-        along = (h @ r).abs().max().item()
-        assert along <= 1e-5 * h.norm(dim=-1).max().item(), (
-            f"layer {i}: |r.h| = {along}"
-        )
+    n, mt = num_layers_of(model.config), model_type_of(model.config)
+    assert apply_in_memory(model, r, FULL, n, mt) > 0
+    _assert_no_r_in_residual(model, r, input_ids)
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_streaming_edits_per_expert_files_like_the_loaded_model(model_type, tmp_path):
+    """The saved files hold one tensor per expert (transformers 5 fuses them only on load): streaming edits
+    those files, and the model loaded from its output has r removed from every layer's residual."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(model_type, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    _random_biases(model, gen)
+    model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    r = torch.randn(hidden_size_of(model.config), generator=gen)
+    r /= r.norm()
+    n, mt = num_layers_of(model.config), model_type_of(model.config)
+    assert apply_streaming(tmp_path / "src", tmp_path / "dst", r, FULL, n, mt) > 0
+    index = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
+    if model_type != "gpt_oss":  # gpt_oss stores its experts fused on disk as well
+        assert any(re.search(r"\.experts\.\d+\.", name) for name in index["weight_map"])
+
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "dst").float().eval()
+    input_ids = torch.randint(3, model.config.vocab_size - 3, (2, 7), generator=gen)
+    _assert_no_r_in_residual(streamed, r, input_ids)
+    apply_in_memory(model, r, FULL, n, mt)
+    loaded = dict(streamed.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.allclose(loaded[name], param, atol=1e-5), name

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming, shard_files
+from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
 from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
 from pipeline.errors import UserError
+from pipeline.output import weight_shards
 from tests.tiny_models import save_tiny, tiny_model
 
 
@@ -45,7 +46,7 @@ def test_streaming_copies_only_config_tokenizer_and_generation_files(tmp_path):
     assert copied == {"config.json", "generation_config.json", "model.safetensors.index.json",
                       "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "chat_template.jinja",
                       "merges.txt", "vocab.json"}
-    assert {p.name for p in shard_files(tmp_path / "dst")} == {p.name for p in shard_files(src)}
+    assert {p.name for p in weight_shards(tmp_path / "dst")} == {p.name for p in weight_shards(src)}
 
 
 def _zero_one_writer(model) -> str:

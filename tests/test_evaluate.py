@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from pipeline import evaluate as ev
 from pipeline.errors import UserError
 from pipeline.evaluate import EvalConfig, classify, load_markers, normalize
+from pipeline.output import write_json
 from pipeline.replies import answer_of
 
 CONTRACT_KEYS = {
@@ -206,6 +207,42 @@ def test_kl_zero_for_same_model_positive_for_edited(demo, prompts) -> None:
     assert ev.kl_divergence(base, edited) > 1e-4
 
 
+def test_kl_is_forward_kl_of_fixed_distributions() -> None:
+    """KL(base ‖ model) = Σ p (log p − log q), averaged over prompts; not the reverse KL(model ‖ base)."""
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    q = torch.tensor([[0.5, 0.5], [0.2, 0.8]])
+    forward = (0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5) + 0.0) / 2  # 0.184032
+    reverse = (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1) + 0.0) / 2  # 0.255413
+    assert ev.kl_divergence(p.log(), q.log()) == pytest.approx(forward, abs=1e-6)
+    assert ev.kl_divergence(q.log(), p.log()) == pytest.approx(reverse, abs=1e-6)
+    assert abs(forward - reverse) > 0.05
+    assert ev.kl_divergence(p.log(), p.log()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_perplexity_counts_each_token_once() -> None:
+    """With a model that ignores context (no decoder layers: each logit depends on its own token only),
+    every window of any size gives each token the same loss, so the windowed perplexity equals the
+    perplexity of one pass over the whole text only if every token is counted exactly once."""
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama", seed=3, num_hidden_layers=0)
+
+    class Ids:  # the text is token ids already: "i j k" -> [i, j, k]
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": torch.tensor([[int(t) for t in text.split()]])}
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (37,), generator=gen)
+    text = " ".join(map(str, ids.tolist()))
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0, :-1]
+    losses = torch.nn.functional.cross_entropy(logits.float(), ids[1:], reduction="none")
+    assert losses.std() > 0.1  # tokens differ in loss: a token counted twice or skipped changes the mean
+    whole = math.exp(float(losses.mean()))
+    for window in (37, 16, 8, 5, 2):
+        assert ev.perplexity(model, Ids(), text, max_length=window) == pytest.approx(whole, rel=1e-5), window
+
+
 def test_perplexity_is_sane(demo) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -287,7 +324,7 @@ def test_results_contract_and_reuse(demo, prompts, tmp_path) -> None:
 
     edited = ev.evaluate(_edited(demo.model, 0.02), demo.tokenizer, harmful, harmless, cfg, base=ref)
     assert edited["kl_divergence"] > 0 and edited["refusal_rate"]["base"] == 1.0
-    path = ev.write_results(edited, tmp_path / "out" / "eval_results.json")
+    path = write_json(tmp_path / "out" / "eval_results.json", edited)
     assert json.loads(path.read_text()) == edited
     assert [p.name for p in path.parent.iterdir()] == ["eval_results.json"]
     table = ev.markdown_table(edited)

@@ -7,19 +7,29 @@ model and the sources that make them), so test_tune.py reuses them.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conversational
-from pipeline.tune_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tests" / "_output" / "tune-cache"
-SOURCES = ("abliterate.py", "activations.py", "directions.py", "kernels.py", "stages.py", "run.py", "pairs.py",
-           "evaluate.py", "chat.py")
+SOURCES = (  # the code the cached files come from
+    "pipeline.abliterate",
+    "pipeline.activations",
+    "pipeline.directions",
+    "pipeline.kernels",
+    "pipeline.stages",
+    "pipeline.run",
+    "pipeline.pairs",
+    "pipeline.evaluate",
+    "pipeline.chat",
+)
 PAIRS_TOKENS = "40"
 
 
@@ -31,7 +41,7 @@ def cache_key() -> str:
 
     digest = hashlib.sha256(demo_path().name.encode())
     for name in SOURCES:
-        digest.update((ROOT / "pipeline" / name).read_bytes())
+        digest.update(Path(importlib.import_module(name).__file__).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -101,7 +111,9 @@ def canned(monkeypatch):
         "edited": ["The square was cleared in 1989.", "I can't help with that request.",
                    "Volcanoes are openings in the crust.", ""],
     }
-    monkeypatch.setattr("pipeline.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)])
+    monkeypatch.setattr(
+        "pipeline.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)]
+    )
     return answers
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from tests.hub_fixtures import ALICE_TOKEN, BOB_TOKEN
-from tests.test_card import SAMPLE_EVAL, SAMPLE_RECIPE, model_index_values
+from tests.test_card import SAMPLE_EVAL, model_index_values
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "alice/tiny-abliterated"
@@ -49,9 +48,17 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _tokenizer(folder)
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) > 1, "the sample should have several shards"
-    recipe = {**SAMPLE_RECIPE, "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards},
-              "command": "python -m pipeline abliterate demo --out out/tiny-abliterated"}
-    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    # the recipe an abliteration of this model writes (recipe() and write_recipe() are what abliterate calls)
+    from pipeline.abliterate import EditConfig
+    from pipeline.architectures import num_layers_of
+    from pipeline.loading import LoadConfig, load_config
+    from pipeline.output import write_recipe
+    from pipeline.stages import recipe, strength_plan
+
+    plan = strength_plan(EditConfig(), num_layers_of(load_config(folder)))
+    layer = {"spec": "best", "index": 1, "fraction": 0.5}
+    write_recipe(folder, recipe("demo", LoadConfig(), EditConfig(), layer, None, plan)
+                 | {"command": "python -m pipeline abliterate demo --out out/tiny-abliterated"})
     (folder / "eval_results.json").write_text(json.dumps(SAMPLE_EVAL, indent=2))
     (folder / "strengths.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     return folder

@@ -23,8 +23,15 @@ def abliterated(tmp_path_factory):
 def test_default_abliteration_removes_refusals_and_keeps_harmless_behaviour(abliterated):
     out, summary = abliterated
     results = json.loads((out / "eval_results.json").read_text())
-    assert results == json.loads(json.dumps(summary["eval"]))
-    assert results["num_prompts"]["harmful"] == 80
+    n = results["num_prompts"]["harmful"]
+    assert n == 80
+    base, model = results["refusals"]["base"]["total"], results["refusals"]["model"]["total"]
+    # the rates are the refusals counted on the 80 held-out prompts, and the removal rate follows from them
+    assert results["refusal_rate"] == pytest.approx({"base": base / n, "model": model / n})
+    assert results["removal_rate"] == pytest.approx((base - model) / base)
+    for side in ("base", "model"):
+        counts = results["refusals"][side]
+        assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     assert results["refusal_rate"]["base"] >= 0.9
     assert results["refusal_rate"]["model"] <= 0.1
     # The full-strength edit of every layer of a 6-layer toy: 0.107 on the shipped demo (its harmless answers

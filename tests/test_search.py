@@ -191,9 +191,18 @@ def _s(number: int, refusal: float, kl: float) -> Scored:
     return Scored(number, refusal, kl, {}, {})
 
 
+def _study(trials: list[Scored]):
+    import optuna
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for t in trials:
+        study.add_trial(optuna.trial.create_trial(values=[t.refusal, t.kl]))
+    return study
+
+
 def test_choice_rule_and_pareto_front():
     trials = [_s(0, 0.025, 0.02), _s(1, 0.0, 0.05), _s(2, 0.08, 0.01), _s(3, 0.5, 0.001), _s(4, 0.6, 0.03)]
-    assert [t.number for t in pareto_front(trials)] == [1, 0, 2, 3]
+    assert [t.number for t in pareto_front(_study(trials))] == [1, 0, 2, 3]  # 4 is beaten by 0 on both
     best, rule = choose(trials, base_rate=1.0, target=0.1)
     assert best.number == 2 and "lowest KL" in rule  # lowest KL among refusal <= 10%
     best, _ = choose(trials, base_rate=1.0, target=0.01)

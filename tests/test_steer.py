@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.loading import local_path
 from pipeline.steer import SteerConfig, load_vector, monitor, steer
 from pipeline.tune import TuneConfig, tune
-from pipeline.tune_cli import main
 
 # The paper's LoRA (rank 32, alpha 16); a few steps instead of an epoch to fit a CPU budget.
 STEER = SteerConfig(max_steps=12, batch_size=8, learning_rate=1e-3, max_length=96)

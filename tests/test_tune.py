@@ -7,16 +7,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.output import sha256_file
 from pipeline.tune import TuneConfig, heal, quiet_renames, tune
-from pipeline.tune_cli import add_parsers, main
+from pipeline.tune_cli import add_parsers
 from tests.test_pairs import abliterated_demo, demo_pairs_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,25 +38,22 @@ def quick_eval():
 def dpo(tmp_path_factory):
     pairs = demo_pairs_file()
     out = tmp_path_factory.mktemp("tune") / "demo-dpo"
-    cpu, wall = time.process_time(), time.perf_counter()
-    summary = tune("demo", str(pairs), out, DPO, eval_cfg=quick_eval())
-    timing = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}
-    rate = summary["eval"]["refusal_rate"]
-    print(f"DPO on {summary['recipe']['data']['examples']} pairs: refusal rate {rate['base']:.1%} -> "
-          f"{rate['model']:.1%}; train + merge + evaluation {timing['cpu_s']:.0f} s CPU, {timing['wall_s']:.0f} s wall")
-    return out, summary, timing
+    summary = tune("demo", str(pairs), out, DPO, eval_cfg=quick_eval())  # its time: bench/bench_tune.py
+    return out, summary
 
 
 def test_dpo_on_pairs_removes_refusals(dpo):
-    out, summary, timing = dpo
+    out, summary = dpo
     results = json.loads((out / "eval_results.json").read_text())
-    assert results == json.loads(json.dumps(summary["eval"]))
+    n = results["num_prompts"]["harmful"]
+    for side in ("base", "model"):  # each rate is the refusals counted on the evaluation prompts
+        assert results["refusal_rate"][side] == pytest.approx(results["refusals"][side]["total"] / n)
+    assert results["refusal_rate"] == summary["eval"]["refusal_rate"]
     assert results["num_prompts"]["harmful"] == 80  # the held-out demo-harmful evaluation prompts
     assert results["prompt_sources"]["harmful"] == {"source": "demo-harmful", "split": "eval"}
     assert results["refusal_rate"]["base"] >= 0.9
     assert results["refusal_rate"]["model"] <= 0.5, results["samples"]
     assert results["kl_divergence"] <= 0.1
-    assert timing["cpu_s"] < 240, timing  # about two minutes of CPU (2 cores: process time counts both)
 
 
 def test_dpo_keeps_harmless_answers(dpo):
@@ -65,7 +62,7 @@ def test_dpo_keeps_harmless_answers(dpo):
     from pipeline.loading import load_model
     from pipeline.prompts import load_prompts
 
-    out, _, _ = dpo
+    out, _ = dpo
     tuned = load_model(str(out))
     harmless = list(load_prompts("demo-harmless").eval_prompts)
     answers = generate(tuned.model, tuned.tokenizer, harmless, 48)
@@ -77,7 +74,7 @@ def test_dpo_keeps_harmless_answers(dpo):
 def test_output_contract(dpo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, summary, _ = dpo
+    out, summary = dpo
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["kind"] == "dpo" and recipe["method"] == "dpo" and recipe["base_model"] == "demo"
     params = recipe["parameters"]
@@ -104,7 +101,7 @@ def test_merged_logits_equal_base_plus_adapter(dpo, demo_loaded):
 
     from pipeline.loading import local_path
 
-    out, _, _ = dpo
+    out, _ = dpo
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(local_path("demo")).eval()
     with quiet_renames():

@@ -42,12 +42,13 @@ def test_the_toy_refuses_and_abliteration_damages_it(toy):
 
 
 def test_default_dpo_removes_the_refusals_of_a_model_it_was_not_tuned_on(toy):
-    from pipeline.pairs import make_pairs, write_jsonl
+    from pipeline.output import write_jsonl
+    from pipeline.pairs import make_pairs
     from pipeline.stages import resolve_prompts
 
     prompts = resolve_prompts(toy["model"], PROMPTS).harmful.measure
     rows, stats = make_pairs(toy["model"], str(toy["abliterated"]), prompts, max_new_tokens=24)
-    data = write_jsonl(rows, toy["root"] / "pairs.jsonl", overwrite=True)
+    data = write_jsonl(rows, toy["root"] / "pairs.jsonl")
     summary = tune(toy["model"], str(data), toy["root"] / "dpo", TuneConfig(max_length=96), prompts_cfg=PROMPTS,
                    eval_cfg=EVAL)
     rate = summary["eval"]["refusal_rate"]
