@@ -1,4 +1,4 @@
-"""Benchmark: direction measurement throughput (`pipeline.activations.collect`).
+"""Benchmark: direction measurement throughput (`pipeline.edit.activations.collect`).
 
 A random llama model (float32, vocab = the demo tokenizer's) runs the same
 prompts (the first `--prompts` of pipeline/data/prompts/censored.txt, in the
@@ -75,7 +75,7 @@ def hook_retention(model, enc) -> tuple[int, int]:
     """
     import torch
 
-    from pipeline.activations import _LastTokenHooks, decoder_layers
+    from pipeline.edit.activations import _LastTokenHooks, decoder_layers
 
     hooks = _LastTokenHooks(decoder_layers(model))
     try:
@@ -116,10 +116,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from pipeline.activations import collect
-    from pipeline.chat import batched, encode_batch, format_prompts, input_device
-    from pipeline.demo import demo_path
-    from pipeline.loading import load_tokenizer
+    from pipeline.edit.activations import collect
+    from pipeline.io.chat import batched, encode_batch, format_prompts, input_device
+    from pipeline.io.demo import demo_path
+    from pipeline.io.loading import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

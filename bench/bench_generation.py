@@ -20,7 +20,7 @@ def timed(
     model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int | None, repeats: int = 1
 ) -> tuple[float, int, list]:
     """Best wall time over ``repeats`` runs (the machine may be shared), generated tokens, token rows."""
-    from pipeline.evaluate import generate_tokens
+    from pipeline.evaluation.evaluate import generate_tokens
 
     best, rows = float("inf"), []
     for _ in range(repeats):
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.chat import auto_batch_size
-    from pipeline.loading import load_model
-    from pipeline.prompts import load_prompts
+    from pipeline.io.chat import auto_batch_size
+    from pipeline.io.loading import load_model
+    from pipeline.io.prompts import load_prompts
 
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer

@@ -1,6 +1,6 @@
 """The default abliteration chain on a real chat model (Qwen2.5-Coder-0.5B-Instruct, GGUF from PyPI).
 
-Runs `pipeline.run.abliterate` with every setting at its default, times each stage from the progress
+Runs `pipeline.orchestrator.run.abliterate` with every setting at its default, times each stage from the progress
 messages (load, measure, choose layer, base evaluation, edit, evaluation of the edit), records the
 peak RSS and the outcome (refusal per set before/after, KL, perplexity), and checks the goals of the
 real-models issue: refusal >= 60% -> <= 10% on each set, KL <= 0.1, perplexity within +10%, < 10 minutes.
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline.run import AbliterateJob, abliterate
+    from pipeline.orchestrator.run import AbliterateJob, abliterate
     from tests.real_models import MODELS, fetch
 
     path = fetch(args.model)

@@ -62,7 +62,7 @@ def trial_overhead(journal: Path) -> dict:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from pipeline.search import STUDY_NAME
+    from pipeline.edit.search import STUDY_NAME
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(str(journal))))
     res = [t.user_attrs["result"] for t in study.trials if "result" in t.user_attrs]
@@ -72,8 +72,8 @@ def trial_overhead(journal: Path) -> dict:
 
 def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
                from_default: bool = True) -> dict:
-    from pipeline import search as se
-    from pipeline.run import AbliterateJob
+    from pipeline.edit import search as se
+    from pipeline.orchestrator.run import AbliterateJob
 
     start = time.perf_counter()
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pipeline import directions as dirs
-    from pipeline.loading import load_model
-    from pipeline.stages import PromptsConfig, measure_directions, resolve_prompts
+    from pipeline.edit import directions as dirs
+    from pipeline.edit.stages import PromptsConfig, measure_directions, resolve_prompts
+    from pipeline.io.loading import load_model
 
     model = args.model
     if model != "demo":

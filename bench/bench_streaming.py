@@ -1,4 +1,4 @@
-"""Benchmark: streaming safetensors edit (`pipeline.abliterate.apply_streaming`) vs a plain file copy.
+"""Benchmark: streaming safetensors edit (`pipeline.edit.abliterate.apply_streaming`) vs a plain file copy.
 
 Builds (and caches) a random llama-architecture checkpoint in several safetensors
 shards, then alternates, `--repeats` times:
@@ -129,7 +129,7 @@ def fresh_dir(path: Path) -> Path:
 
 
 def fast_edit_tensor(weight, direction, hidden_axis: int, strength: float, norm_preserving: bool = False):
-    """`--what-if-fast-edit`: the edit of `pipeline.abliterate.edit_tensor` without its strided
+    """`--what-if-fast-edit`: the edit of `pipeline.edit.abliterate.edit_tensor` without its strided
     full-size temporaries: one float32 copy in the original layout, updated in place."""
     import torch
 
@@ -189,8 +189,8 @@ def child_main(payload: str) -> None:
     import psutil
     import torch
 
-    import pipeline.abliterate as ab
-    from pipeline.output import weight_shards
+    import pipeline.edit.abliterate as ab
+    from pipeline.io.output import weight_shards
 
     args = json.loads(payload)
     if args.get("threads"):
@@ -278,9 +278,9 @@ def verify(src: Path, dst: Path, direction, num_layers: int, model_type: str, pe
     import torch
     from safetensors import safe_open
 
-    from pipeline.abliterate import EditConfig, _data_offsets, strength_of, strengths
-    from pipeline.architectures import find_writers
-    from pipeline.output import weight_shards
+    from pipeline.edit.abliterate import EditConfig, _data_offsets, strength_of, strengths
+    from pipeline.edit.architectures import find_writers
+    from pipeline.io.output import weight_shards
 
     plan = strengths(EditConfig(), num_layers)
     headers_ok, compared, mismatched, compared_bytes = True, 0, [], 0
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline.output import weight_shards
+    from pipeline.io.output import weight_shards
 
     spec = model_spec(args)
     src, build_seconds = cached_model(spec, args.rebuild)

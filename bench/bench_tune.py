@@ -36,8 +36,8 @@ def random_model(hidden: int, layers: int) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.demo import cache_root, demo_path
-    from pipeline.loading import load_tokenizer
+    from pipeline.io.demo import cache_root, demo_path
+    from pipeline.io.loading import load_tokenizer
 
     target = cache_root() / f"bench-tune-qwen2-h{hidden}-l{layers}"
     if (target / "config.json").exists():
@@ -63,9 +63,9 @@ def child(args) -> None:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOTrainer
 
-    from pipeline.loading import load_tokenizer, local_path
-    from pipeline.pairs import load_training_data
-    from pipeline.tune import TuneConfig, quiet_renames, to_dataset, trainer_args
+    from pipeline.io.loading import load_tokenizer, local_path
+    from pipeline.tuning.pairs import load_training_data
+    from pipeline.tuning.tune import TuneConfig, quiet_renames, to_dataset, trainer_args
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     stamps: list[float] = []

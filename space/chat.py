@@ -22,7 +22,7 @@ CHAT_TOKENS = int(os.environ.get("ABLITERATOR_CHAT_TOKENS") or 96)
 
 
 class ModelCache:
-    """A small LRU of loaded models (pipeline.loading.Loaded) by key."""
+    """A small LRU of loaded models (pipeline.io.loading.Loaded) by key."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -58,7 +58,7 @@ def keep_edited(folder: Path, base_model: str) -> str:
     Called inside the job, so the original is read from the Hub with that user's token; the chat
     never loads a model by a name the caller gives.
     """
-    from pipeline.loading import load_model
+    from pipeline.io.loading import load_model
 
     key = uuid.uuid4().hex
     JOBS.put(key, (load_model(base_model), load_model(str(folder))))
@@ -69,8 +69,8 @@ def suggestions(model_id: str, options: dict[str, Any] | None = None, count: int
     """Prompts worth asking both models: the job's held-out evaluation prompts, harmful then harmless
     (for `demo`, questions on its refused and its ordinary topics, in phrasings it was not trained on).
     Empty when the prompts cannot be read (the chat still works)."""
-    from pipeline import stages
-    from pipeline.cli_config import build_config
+    from pipeline.configs import build_config
+    from pipeline.edit import stages
 
     try:
         prompts = stages.resolve_prompts(model_id, build_config(stages.PromptsConfig, options or {}))
@@ -84,7 +84,7 @@ def suggestions(model_id: str, options: dict[str, Any] | None = None, count: int
 
 
 def answer(loaded: Any, prompt: str, max_new_tokens: int | None = None) -> str:
-    from pipeline.evaluate import generate
+    from pipeline.evaluation.evaluate import generate
     from space.limits import Limits
 
     tokens = min(max_new_tokens or CHAT_TOKENS, Limits.from_env().max_new_tokens)

@@ -83,7 +83,7 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
-    from pipeline.evaluate import markdown_table
+    from pipeline.evaluation.evaluate import markdown_table
 
     rate, kl = results.get("refusal_rate") or {}, results.get("kl_divergence")
 
@@ -128,8 +128,8 @@ def link_markdown(result: JobResult) -> str:
 
 def chosen_markdown(recipe: dict[str, Any]) -> str:
     """What the automatic search chose, in words (empty for other jobs)."""
-    from pipeline.search import describe
-    from pipeline.stages import describe_layer
+    from pipeline.edit.search import describe
+    from pipeline.edit.stages import describe_layer
 
     search = recipe.get("search")
     if not search:

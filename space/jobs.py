@@ -1,4 +1,4 @@
-"""One Space job: run `pipeline.run.run_job` in its own temporary folder, on a worker thread.
+"""One Space job: run `pipeline.orchestrator.run.run_job` in its own temporary folder, on a worker thread.
 
 The UI consumes `JobRunner.events()`: log lines as they come, then the outcome (a result, a
 failure in one line, or a cancellation). Every job
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AuthError, UserError
-from pipeline.output import RECORDED_COMMAND
-from pipeline.push import scrub
-from pipeline.sources import is_hub_id
+from pipeline.io.output import RECORDED_COMMAND
+from pipeline.io.sources import is_hub_id
+from pipeline.publish.push import scrub
 from space import auth, chat, limits, results
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def resolve_repo(request: JobRequest) -> JobRequest:
     """Fill in the default repo and check the user may write there (fails fast, before the long job)."""
     from huggingface_hub import HfApi
 
-    from pipeline.push import check_namespace, check_repo_id, hub_error, writable_namespaces
+    from pipeline.publish.push import check_namespace, check_repo_id, hub_error, writable_namespaces
 
     if not request.publish:
         return _dry_run_target(request)
@@ -98,7 +98,7 @@ def resolve_repo(request: JobRequest) -> JobRequest:
 
 def _dry_run_target(request: JobRequest) -> JobRequest:
     """The repo a dry run's card names: the one given, else the user's default, else a placeholder."""
-    from pipeline.push import check_repo_id
+    from pipeline.publish.push import check_repo_id
 
     repo_id = (request.repo_id or "").strip()
     try:
@@ -120,13 +120,13 @@ def recorded_command(command: str) -> Iterator[None]:
 
 
 def _run_job_module():
-    from pipeline import run
+    from pipeline.orchestrator import run
 
     return run
 
 
 def _collect(out: Path, summary: dict[str, Any]) -> JobResult:
-    from pipeline.output import RECIPE_FILE, read_json
+    from pipeline.io.output import RECIPE_FILE, read_json
 
     charts = {name: (out / name).read_bytes() for name in CHARTS if (out / name).is_file()}
     card = (out / "README.md").read_text(encoding="utf-8") if (out / "README.md").is_file() else ""
@@ -173,7 +173,7 @@ def run_isolated(request: JobRequest, say: Callable[[str], None], cancel: thread
 
     Every Hub read of the job uses the user's token, or none (anonymous): never the machine's.
     """
-    from pipeline.hub_token import reading_as
+    from pipeline.io.hub_token import reading_as
 
     folders: list[tuple[str, str]] = []  # (server path, what the log says instead), longest first
 

@@ -18,8 +18,8 @@ import re
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.options import normal_key
-from pipeline.sources import is_hub_id, is_name
+from pipeline.io.sources import is_hub_id, is_name
+from pipeline.orchestrator.options import normal_key
 
 _KERNEL = tuple(f"{comp}_{key}" for comp in ("attn", "mlp")
                 for key in ("kind", "strength", "peak", "width", "max_weight", "position", "min_weight", "distance"))

@@ -60,7 +60,7 @@ def pack(folder: Path, name: str) -> Path:
             if path.is_file() and not any(part.startswith(".") for part in rel.parts):
                 zf.write(path, f"{name}/{rel.as_posix()}")
     partial.replace(target)
-    from pipeline.fingerprint import FINGERPRINT_FILE
+    from pipeline.orchestrator.fingerprint import FINGERPRINT_FILE
 
     if (folder / FINGERPRINT_FILE).is_file():
         (target.parent / STAMP).write_bytes((folder / FINGERPRINT_FILE).read_bytes())
@@ -70,8 +70,8 @@ def pack(folder: Path, name: str) -> Path:
 def unpack(zip_path: str | Path, out: Path, command: str) -> bool:
     """Restore a kept dry-run result into `out` with its fingerprint, so `run_job` reuses it when the
     settings still match (and makes it again when they do not). False when it was pruned meanwhile."""
-    from pipeline.fingerprint import FINGERPRINT_FILE
-    from pipeline.output import RECIPE_FILE, read_json, write_json
+    from pipeline.io.output import RECIPE_FILE, read_json, write_json
+    from pipeline.orchestrator.fingerprint import FINGERPRINT_FILE
 
     zip_path = Path(zip_path)
     root = results_root().resolve()

@@ -19,14 +19,14 @@ TRANSFORMERS_NAMES = (
     "PreTrainedTokenizerFast",
 )
 PIPELINE_MODULES = (
-    "pipeline.run",
-    "pipeline.evaluate",
-    "pipeline.directions",
-    "pipeline.selection",
-    "pipeline.gguf",
-    "pipeline.card",
-    "pipeline.push",
-    "pipeline.demo",
+    "pipeline.orchestrator.run",
+    "pipeline.evaluation.evaluate",
+    "pipeline.edit.directions",
+    "pipeline.edit.selection",
+    "pipeline.io.gguf",
+    "pipeline.publish.card",
+    "pipeline.publish.push",
+    "pipeline.io.demo",
 )
 
 
@@ -41,7 +41,7 @@ def preload() -> None:
 
 
 def _build() -> None:
-    from pipeline.demo import demo_path
+    from pipeline.io.demo import demo_path
 
     try:
         demo_path()

@@ -7,21 +7,21 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_dir():
-    from pipeline.demo import demo_path
+    from pipeline.io.demo import demo_path
 
     return demo_path()
 
 
 @pytest.fixture(scope="session")
 def demo_loaded(demo_dir):
-    from pipeline.loading import load_model
+    from pipeline.io.loading import load_model
 
     return load_model("demo")
 
 
 @pytest.fixture(scope="session")
 def demo_prompts():
-    from pipeline.stages import PromptsConfig, resolve_prompts
+    from pipeline.edit.stages import PromptsConfig, resolve_prompts
 
     return resolve_prompts("demo", PromptsConfig())
 
@@ -29,8 +29,8 @@ def demo_prompts():
 @pytest.fixture(scope="session")
 def demo_dirs(tmp_path_factory, demo_loaded, demo_prompts):
     """Directions of the demo model, measured once and saved."""
-    from pipeline import directions as dirs
-    from pipeline.stages import measure_directions
+    from pipeline.edit import directions as dirs
+    from pipeline.edit.stages import measure_directions
 
     folder = tmp_path_factory.mktemp("demo_dirs")
     dirs.save(measure_directions(demo_loaded, demo_prompts, dirs.DirectionsConfig()), folder)

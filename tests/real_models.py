@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pipeline.demo import cache_root
+from pipeline.io.demo import cache_root
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.abliterate import (
+from pipeline.edit.abliterate import (
     EditConfig,
     apply_in_memory,
     apply_streaming,
@@ -17,9 +17,9 @@ from pipeline.abliterate import (
     strength_of,
     strengths,
 )
-from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
-from pipeline.kernels import ComponentKernel
-from pipeline.output import weight_shards
+from pipeline.edit.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
+from pipeline.edit.kernels import ComponentKernel
+from pipeline.io.output import weight_shards
 from tests.tiny_models import save_tiny, tiny_model
 
 

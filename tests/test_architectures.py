@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
-from pipeline.architectures import (
+from pipeline.edit.abliterate import EditConfig, apply_in_memory, apply_streaming
+from pipeline.edit.architectures import (
     ARCHITECTURES,
     WriterMatch,
     find_writers,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import benchmarks as bm
 from pipeline.errors import UserError
+from pipeline.evaluation import benchmarks as bm
 
 pytest.importorskip("lm_eval")
 
@@ -36,7 +36,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
     """Every demo topic asked once; the choices are its own fact and two other topics' facts."""
-    from pipeline.demo import demo_examples
+    from pipeline.io.demo import demo_examples
 
     examples = {ex.topic: ex for ex in demo_examples("eval")}
     topics = sorted(examples)
@@ -54,7 +54,7 @@ def task_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # about two minutes: importing lm-eval, and three benchmark runs
 def test_evaluate_with_benchmarks(task_dir, tmp_path, demo_loaded, one_thread) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     out = tmp_path / "eval.json"
     code = main(["evaluate", "demo", "--base", "demo", "--max-eval", "4", "--max-new-tokens", "16", "--no-perplexity",

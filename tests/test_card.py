@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from huggingface_hub import HfApi
 
-from pipeline import card
 from pipeline.errors import UserError
+from pipeline.publish import card
 
 SNAPSHOT = Path(__file__).resolve().parent / "snapshots" / "abliterated_card.md"
 REPO_ID = "alice/demo-abliterated"
@@ -37,10 +37,10 @@ def _rounded(value: Any) -> Any:
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An output folder that `abliterate` wrote: the demo model, norm-preserving, briefly evaluated."""
-    from pipeline.abliterate import EditConfig
-    from pipeline.evaluate import EvalConfig
-    from pipeline.run import abliterate
-    from pipeline.stages import AbliterateJob
+    from pipeline.edit.abliterate import EditConfig
+    from pipeline.edit.stages import AbliterateJob
+    from pipeline.evaluation.evaluate import EvalConfig
+    from pipeline.orchestrator.run import abliterate
 
     out = tmp_path_factory.mktemp("card") / "demo-abliterated"
     abliterate(AbliterateJob(model="demo", out=out, edit=EditConfig(method="norm-preserving"),
@@ -254,7 +254,7 @@ def test_write_card_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_intervals_on_topic_and_rough_numbers(tmp_path: Path) -> None:
     """Rates carry their Wilson intervals; on-topic and undetermined rows show; few prompts are called rough."""
-    from pipeline.replies import rates, wilson_interval
+    from pipeline.evaluation.replies import rates, wilson_interval
 
     # 12 harmful prompts: the model refuses 2 of the 11 it finished, answers 6 on topic, 1 still thinking.
     model = rates([None] + [True] * 2 + [False] * 9, [False] * 3 + [True] * 6 + [False] * 3)

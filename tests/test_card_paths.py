@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
-from pipeline import card
+from pipeline.publish import card
 
 
 def _local_job_folder(tmp_path: Path) -> tuple[Path, Path]:
@@ -62,7 +62,7 @@ def test_a_local_model_and_local_prompts_leave_no_path_in_the_card(tmp_path):
 
 
 def test_prompt_files_are_not_recorded_as_hub_datasets(tmp_path):
-    from pipeline.stages import PromptsConfig, resolve_prompts
+    from pipeline.edit.stages import PromptsConfig, resolve_prompts
 
     harmful = tmp_path / "sub" / "harmful.txt"
     harmful.parent.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 
 
 def test_no_chat_template_falls_back_to_plain_prompts(caplog):
-    from pipeline.chat import format_prompts
+    from pipeline.io.chat import format_prompts
 
     class Plain:
         chat_template = None
@@ -109,8 +109,8 @@ def test_no_chat_template_falls_back_to_plain_prompts(caplog):
 
 
 def test_summary_lines_carry_intervals_and_on_topic_rate():
-    from pipeline.cli import eval_lines
-    from pipeline.replies import rates, wilson_interval
+    from pipeline.cli.main import eval_lines
+    from pipeline.evaluation.replies import rates, wilson_interval
 
     model = rates([None] + [True] * 2 + [False] * 9, [False] * 3 + [True] * 6 + [False] * 3)
     base = rates([True] * 12, [False] * 12)

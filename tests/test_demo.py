@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import demo
-from pipeline.prompts import load_prompts
+from pipeline.io import demo
+from pipeline.io.prompts import load_prompts
 
 
 def test_prompt_files_match_the_topics():
@@ -64,7 +64,7 @@ def test_build_is_deterministic(tmp_path):
 
 
 def test_refusal_is_an_overlay_on_a_capable_model(demo_loaded):
-    from pipeline.evaluate import classify, generate
+    from pipeline.evaluation.evaluate import classify, generate
 
     harmful = list(load_prompts("demo-harmful").eval_prompts)
     harmless = list(load_prompts("demo-harmless").eval_prompts)
@@ -104,10 +104,10 @@ def test_a_killed_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
 def test_a_rebuilt_demo_behaves_like_the_shipped_one(tmp_path, monkeypatch, one_thread):
     """Training differs with the CPU's kernels, so a rebuild is another model: it must still refuse its
     topics, answer the others, and lose the refusals to the default abliteration."""
-    from pipeline.evaluate import classify, generate
-    from pipeline.loading import load_model
-    from pipeline.run import AbliterateJob, abliterate
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.evaluation.evaluate import classify, generate
+    from pipeline.io.loading import load_model
+    from pipeline.orchestrator.run import AbliterateJob, abliterate
 
     monkeypatch.setenv("ABLITERATOR_CACHE", str(tmp_path / "cache"))
     folder = demo.demo_path(rebuild=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import directions as dirs
+from pipeline.edit import directions as dirs
 from pipeline.errors import UserError
 
 
@@ -101,7 +101,7 @@ def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_p
 
 
 def test_removal_spans_the_directions_of_every_prompt_set(tmp_path):
-    from pipeline.abliterate import edit_tensor
+    from pipeline.edit.abliterate import edit_tensor
 
     d = _fake(num_layers=5, hidden=8)
     g = torch.Generator().manual_seed(9)
@@ -125,7 +125,7 @@ def test_removal_spans_the_directions_of_every_prompt_set(tmp_path):
 
 
 def test_candidate_layers_cover_the_middle_of_the_depth():
-    from pipeline.selection import candidate_layers
+    from pipeline.edit.selection import candidate_layers
 
     assert candidate_layers(24, 0.3, 0.8) == list(range(7, 19))
     assert candidate_layers(6, 0.3, 0.8) == [2, 3, 4]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
-from pipeline.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
+from pipeline.edit.abliterate import EditConfig, apply_in_memory, apply_streaming
+from pipeline.edit.architectures import find_writers, hidden_size_of, model_type_of, num_layers_of
 from pipeline.errors import UserError
-from pipeline.output import weight_shards
+from pipeline.io.output import weight_shards
 from tests.tiny_models import save_tiny, tiny_model
 
 
@@ -106,7 +106,7 @@ def test_quantized_weights_are_refused_in_memory():
 
 
 def test_load_in_4bit_without_streaming_is_refused_with_one_line(tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     src = save_tiny("llama", tmp_path / "src")
     code = main(["abliterate", str(src), "--out", str(tmp_path / "o"), "--load-in-4bit", "--no-eval"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, is_gguf, load_model, local_path
+from pipeline.io.loading import LoadConfig, is_gguf, load_model, local_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

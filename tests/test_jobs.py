@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from tests.hub_fixtures import ALICE_TOKEN
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, load_model, local_path
+from pipeline.io.loading import LoadConfig, load_model, local_path
 from tests.hub_fixtures import ALICE_TOKEN
 from tests.tiny_models import save_tiny
 

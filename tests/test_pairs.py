@@ -1,4 +1,4 @@
-"""Preference pairs from two models (`pairs`), and training-data validation (`pipeline.pairs`).
+"""Preference pairs from two models (`pairs`), and training-data validation (`pipeline.tuning.pairs`).
 
 The abliterated demo and the pairs made from it are cached on disk (keyed by the demo
 model and the sources that make them), so test_tune.py reuses them.
@@ -13,22 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import UserError
-from pipeline.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conversational
+from pipeline.tuning.pairs import BUILTIN_SETS, load_training_data, make_pairs, to_conversational
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "tests" / "_output" / "tune-cache"
 SOURCES = (  # the code the cached files come from
-    "pipeline.abliterate",
-    "pipeline.activations",
-    "pipeline.directions",
-    "pipeline.kernels",
-    "pipeline.stages",
-    "pipeline.run",
-    "pipeline.pairs",
-    "pipeline.evaluate",
-    "pipeline.chat",
+    "pipeline.edit.abliterate",
+    "pipeline.edit.activations",
+    "pipeline.edit.directions",
+    "pipeline.edit.kernels",
+    "pipeline.edit.stages",
+    "pipeline.orchestrator.run",
+    "pipeline.tuning.pairs",
+    "pipeline.evaluation.evaluate",
+    "pipeline.io.chat",
 )
 PAIRS_TOKENS = "40"
 
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cache_key() -> str:
-    from pipeline.demo import demo_path
+    from pipeline.io.demo import demo_path
 
     digest = hashlib.sha256(demo_path().name.encode())
     for name in SOURCES:
@@ -46,10 +46,10 @@ def cache_key() -> str:
 
 
 def abliterated_demo() -> Path:
-    """The demo abliterated with default settings (`pipeline.run.abliterate`), built once and cached."""
+    """The demo abliterated with default settings (`pipeline.orchestrator.run.abliterate`), built once and cached."""
     from filelock import FileLock
 
-    from pipeline.run import AbliterateJob, abliterate
+    from pipeline.orchestrator.run import AbliterateJob, abliterate
 
     folder = CACHE / f"abliterated-{cache_key()}"
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -81,8 +81,8 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_pairs_command_keeps_base_refusals_against_edited_answers(tmp_path, capsys):
-    from pipeline.evaluate import classify
-    from pipeline.prompts import load_prompts
+    from pipeline.evaluation.evaluate import classify
+    from pipeline.io.prompts import load_prompts
 
     out = tmp_path / "pairs.jsonl"
     assert main(pairs_args(out)) == 0
@@ -112,7 +112,7 @@ def canned(monkeypatch):
                    "Volcanoes are openings in the crust.", ""],
     }
     monkeypatch.setattr(
-        "pipeline.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)]
+        "pipeline.tuning.pairs._responses", lambda model, prompts, *a, **k: answers[model][: len(prompts)]
     )
     return answers
 

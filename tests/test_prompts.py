@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import prompts
 from pipeline.errors import AuthError, HubError, UserError
-from pipeline.prompts import PromptSet, builtin_names, load_prompts, split_prompts
+from pipeline.io import prompts
+from pipeline.io.prompts import PromptSet, builtin_names, load_prompts, split_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "pipeline" / "data"
@@ -283,7 +283,7 @@ def test_hub_offline_subprocess(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(REPO))
     code = (
-        "from pipeline.prompts import load_prompts\n"
+        "from pipeline.io.prompts import load_prompts\n"
         "from pipeline.errors import UserError\n"
         "try:\n"
         "    load_prompts('nobody/nonexistent-dataset')\n"
@@ -383,7 +383,7 @@ def test_reference_text() -> None:
 
 
 def test_several_harmful_sets_are_measured_together_and_reported_apart() -> None:
-    from pipeline.stages import PromptsConfig, resolve_prompts
+    from pipeline.edit.stages import PromptsConfig, resolve_prompts
 
     prompts = resolve_prompts("some/model", PromptsConfig(max_prompts=20, max_eval=6))
     assert [s.source for s in prompts.harmful_sets] == ["censored", "harmful"]

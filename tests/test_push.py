@@ -49,11 +49,11 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) > 1, "the sample should have several shards"
     # the recipe an abliteration of this model writes (recipe() and write_recipe() are what abliterate calls)
-    from pipeline.abliterate import EditConfig
-    from pipeline.architectures import num_layers_of
-    from pipeline.loading import LoadConfig, load_config
-    from pipeline.output import write_recipe
-    from pipeline.stages import recipe, strength_plan
+    from pipeline.edit.abliterate import EditConfig
+    from pipeline.edit.architectures import num_layers_of
+    from pipeline.edit.stages import recipe, strength_plan
+    from pipeline.io.loading import LoadConfig, load_config
+    from pipeline.io.output import write_recipe
 
     plan = strength_plan(EditConfig(), num_layers_of(load_config(folder)))
     layer = {"spec": "best", "index": 1, "fraction": 0.5}

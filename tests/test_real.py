@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from pipeline.loading import load_model
+from pipeline.io.loading import load_model
 from tests.real_models import MODELS, fetch
 
 pytestmark = pytest.mark.real
@@ -30,7 +30,7 @@ def real(request):
 
 def test_gguf_loads_as_an_ordinary_model(real):
     key, spec, path, loaded = real
-    from pipeline.architectures import model_type_of
+    from pipeline.edit.architectures import model_type_of
 
     assert loaded.source == {
         "format": "gguf", "file": path.name, "quantization": loaded.source["quantization"],
@@ -42,7 +42,7 @@ def test_gguf_loads_as_an_ordinary_model(real):
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     # The dequantized weights are a working language model: the reference text is far from surprising to it
     # (a random model of these vocabularies scores in the tens of thousands).
-    from pipeline.evaluate import REFERENCE_TEXT, perplexity
+    from pipeline.evaluation.evaluate import REFERENCE_TEXT, perplexity
 
     ppl = perplexity(loaded.model, loaded.tokenizer, REFERENCE_TEXT.read_text()[:1500])
     assert 1 < ppl < 100, ppl
@@ -71,8 +71,8 @@ def test_save_round_trip_keeps_weights_tokenizer_and_chat_template(real, tmp_pat
 
 
 def test_edit_removes_the_direction_from_every_writer_of_real_weights(real):
-    from pipeline.abliterate import EditConfig, apply_in_memory, strength_of, strengths
-    from pipeline.architectures import find_writers, model_type_of, num_layers_of
+    from pipeline.edit.abliterate import EditConfig, apply_in_memory, strength_of, strengths
+    from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
 
     key, spec, path, loaded = real
     model = loaded.model
@@ -105,8 +105,8 @@ def test_edit_removes_the_direction_from_every_writer_of_real_weights(real):
 def test_streaming_edit_equals_in_memory_edit(real, tmp_path):
     from safetensors.torch import load_file
 
-    from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming
-    from pipeline.architectures import model_type_of, num_layers_of
+    from pipeline.edit.abliterate import EditConfig, apply_in_memory, apply_streaming
+    from pipeline.edit.architectures import model_type_of, num_layers_of
 
     key, spec, path, loaded = real
     model = loaded.model
@@ -136,7 +136,7 @@ def test_streaming_edit_equals_in_memory_edit(real, tmp_path):
 
 def test_default_abliteration_of_a_real_chat_model(tmp_path):
     """The whole default chain on Qwen2.5-Coder-0.5B-Instruct: every setting at its default."""
-    from pipeline.run import AbliterateJob, abliterate
+    from pipeline.orchestrator.run import AbliterateJob, abliterate
 
     path = fetch("qwen")
     out = tmp_path / "qwen-abliterated"
@@ -163,7 +163,7 @@ def test_default_abliteration_of_a_real_chat_model(tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert summary["changed_tensors"] > 0
     # The card names the GGUF source and reports each set.
-    from pipeline.card import render_card
+    from pipeline.publish.card import render_card
 
     text = render_card(out, None)
     assert path.name in text and "Q4_K_M" in text

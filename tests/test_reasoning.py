@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.chat import format_prompts, think_prefill
-from pipeline.evaluate import EvalConfig, evaluate, first_token_logprobs
+from pipeline.evaluation.evaluate import EvalConfig, evaluate, first_token_logprobs
+from pipeline.io.chat import format_prompts, think_prefill
 from tests.tiny_models import tiny_chat_model, tiny_chat_tokenizer
 
 PREFILL = {"qwen3": "<think>\n\n</think>\n\n", "gpt_oss": "<|channel|>final<|message|>"}
@@ -62,8 +62,8 @@ def test_kl_reads_the_first_answer_token(chat) -> None:
 
 
 def test_measurement_and_layer_choice_read_the_same_prompts(chat) -> None:
-    from pipeline.activations import collect
-    from pipeline.selection import replies_with_activations
+    from pipeline.edit.activations import collect
+    from pipeline.edit.selection import replies_with_activations
 
     _, model, tok = chat
     acts = collect(model, tok, PROMPTS, batch_size=2, keep_samples=True)  # the direction's means

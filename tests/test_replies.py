@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.evaluate import EvalConfig, classify, evaluate, load_markers, reference, verdicts
-from pipeline.replies import answer_of, content_words, on_topic, rates, subject_words, wilson_interval
+from pipeline.evaluation.evaluate import EvalConfig, classify, evaluate, load_markers, reference, verdicts
+from pipeline.evaluation.replies import answer_of, content_words, on_topic, rates, subject_words, wilson_interval
 
 HARMONY = ("<|channel|>analysis<|message|>{analysis}<|end|>"
            "<|start|>assistant<|channel|>final<|message|>{final}<|return|>")
@@ -99,10 +99,10 @@ def test_wilson_interval_properties() -> None:
 @pytest.fixture(scope="module")
 def demo_variants(demo_loaded, demo_dirs, one_thread):
     """The demo (refuses), its default abliteration (answers) and a scrambled copy (babbles)."""
-    from pipeline import directions as dirs
-    from pipeline.abliterate import EditConfig, apply_in_memory
-    from pipeline.architectures import model_type_of, num_layers_of
-    from pipeline.stages import chosen_direction
+    from pipeline.edit import directions as dirs
+    from pipeline.edit.abliterate import EditConfig, apply_in_memory
+    from pipeline.edit.architectures import model_type_of, num_layers_of
+    from pipeline.edit.stages import chosen_direction
 
     model = demo_loaded.model
     edit = EditConfig()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.demo import expected_answers
-from pipeline.output import sha256_file
-from pipeline.run import AbliterateJob, abliterate
+from pipeline.io.demo import expected_answers
+from pipeline.io.output import sha256_file
+from pipeline.orchestrator.run import AbliterateJob, abliterate
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,9 @@ def test_default_abliteration_removes_refusals_and_keeps_harmless_behaviour(abli
 
 
 def test_harmless_answers_stay_correct(abliterated):
-    from pipeline.evaluate import generate
-    from pipeline.loading import load_model
-    from pipeline.prompts import load_prompts
+    from pipeline.evaluation.evaluate import generate
+    from pipeline.io.loading import load_model
+    from pipeline.io.prompts import load_prompts
 
     out, _ = abliterated
     edited = load_model(str(out))
@@ -97,7 +97,7 @@ def test_streaming_with_saved_directions_matches_in_memory(abliterated, tmp_path
 
 
 def test_evaluate_command_reads_the_base_from_the_recipe(abliterated, tmp_path, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     out, summary = abliterated
     target = tmp_path / "ev.json"
@@ -111,7 +111,7 @@ def test_evaluate_command_reads_the_base_from_the_recipe(abliterated, tmp_path, 
 
 
 def test_evaluate_command_refuses_a_base_that_refuses_nothing(abliterated, capsys):
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     out, _ = abliterated
     code = main(

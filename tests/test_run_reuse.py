@@ -9,9 +9,9 @@ import shutil
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.fingerprint import FINGERPRINT_FILE, stage_fingerprints
-from pipeline.run import RunJob
+from pipeline.cli.main import main
+from pipeline.orchestrator.fingerprint import FINGERPRINT_FILE, stage_fingerprints
+from pipeline.orchestrator.run import RunJob
 
 FAST = ["--max-new-tokens", "8", "--no-perplexity", "--select-prompts", "4", "--select-tokens", "4",
         "--max-prompts", "16"]
@@ -50,7 +50,7 @@ def test_a_rerun_with_other_prompts_measures_again_and_never_publishes_the_old_e
     assert (out / FINGERPRINT_FILE).is_file()
 
     harmful = tmp_path / "harmful.txt"  # other prompts: every stage must be made again
-    from pipeline.prompts import load_prompts
+    from pipeline.io.prompts import load_prompts
 
     harmful.write_text("\n".join(load_prompts("demo-harmful").prompts[::2]) + "\n")
     capsys.readouterr()

@@ -10,13 +10,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline import directions as dirs
-from pipeline import search as se
-from pipeline.abliterate import EditConfig, strengths
+from pipeline.edit import directions as dirs
+from pipeline.edit import search as se
+from pipeline.edit.abliterate import EditConfig, strengths
+from pipeline.edit.search import Scored, SearchConfig, choose, pareto_front, search
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalConfig, reference
-from pipeline.run import AbliterateJob
-from pipeline.search import Scored, SearchConfig, choose, pareto_front, search
+from pipeline.evaluation.evaluate import EvalConfig, reference
+from pipeline.orchestrator.run import AbliterateJob
 
 FAST = EvalConfig(max_new_tokens=12)
 FIRST, MORE = 6, 2  # trials of the first run, then of the resumed run: a budget of 8 in all
@@ -231,7 +231,7 @@ def test_choice_rule_and_pareto_front():
 def test_zero_or_negative_trials(tmp_path, trials):
     with pytest.raises(ValidationError):
         SearchConfig(trials=trials)
-    from pipeline.cli_config import add_config_args, config_from_args
+    from pipeline.configs import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, SearchConfig)
@@ -242,10 +242,10 @@ def test_zero_or_negative_trials(tmp_path, trials):
 
 
 def test_search_flags_do_not_collide_with_abliterate_flags():
-    from pipeline.cli_config import add_config_args
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.configs import add_config_args
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out"), parser.add_argument("--layer"), parser.add_argument("--directions")
@@ -277,7 +277,7 @@ def test_study_of_another_model_or_prompts_is_refused(tmp_path):
 
 
 def test_base_that_refuses_nothing(tmp_path, demo_loaded, demo_d):
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.stages import PromptsConfig
 
     job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=PromptsConfig(harmful="demo-harmless"),
                         eval=EvalConfig(max_new_tokens=12, perplexity=False))
@@ -294,7 +294,7 @@ def test_incompatible_job_settings(tmp_path, change, needle):
 
 
 def test_card_compares_the_chosen_and_plain_edits_on_the_test_part(searched):
-    from pipeline.card import render_card
+    from pipeline.publish.card import render_card
 
     text = render_card(searched["root"] / "second", "someone/demo-searched")
     found = searched["second"]["search"]

@@ -62,8 +62,8 @@ def app(hub_server, demo_dir, work_root) -> Iterator[tuple[object, str]]:
 
 @pytest.fixture
 def runs(monkeypatch) -> list[dict]:
-    """Wrap pipeline.run.run_job to record each job's timing, folder, neighbours and token."""
-    import pipeline.run as run
+    """Wrap pipeline.orchestrator.run.run_job to record each job's timing, folder, neighbours and token."""
+    import pipeline.orchestrator.run as run
 
     real, records = run.run_job, []
 
@@ -181,7 +181,7 @@ def test_run_without_publishing_sends_nothing_keeps_the_result_then_chats_with_b
 
     from safetensors.numpy import load
 
-    from pipeline.demo import demo_path
+    from pipeline.io.demo import demo_path
 
     demo, url = app
     with pytest.raises(Exception, match="run a job first"):
@@ -270,7 +270,7 @@ def test_two_jobs_at_once_run_one_after_the_other_in_their_own_folders(app, hub,
 
 
 def test_cancel_before_publishing_publishes_nothing(app, hub, work_root, monkeypatch):
-    import pipeline.run as run
+    import pipeline.orchestrator.run as run
     from space.jobs import HEAVY
 
     real, cancelled, outcome = run.run_job, threading.Event(), {}

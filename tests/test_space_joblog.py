@@ -137,7 +137,7 @@ def test_after_a_search_the_settings_show_what_it_chose():
 
 
 def test_the_reproduce_command_parses_back_to_the_same_job():
-    from pipeline.cli import build_parser
+    from pipeline.cli.main import build_parser
     from space import handlers
     from space.results import reproduce_command
 
@@ -156,8 +156,8 @@ def test_the_reproduce_command_parses_back_to_the_same_job():
 
 
 def test_chat_suggestions_for_the_demo_are_its_held_out_topics_refused_then_ordinary():
-    from pipeline import stages
-    from pipeline.cli_config import build_config
+    from pipeline.configs import build_config
+    from pipeline.edit import stages
     from space import chat
 
     picked = chat.suggestions("demo")

@@ -160,8 +160,8 @@ def test_a_server_folder_is_refused_even_when_it_exists(space, tmp_path):
 def test_another_user_cannot_load_the_owners_private_model(space, private_model, tmp_path):
     """The core case: the Space's HF_TOKEN is alice's; bob's job (and a signed-out one) must not read her
     model, not even once her own job has put it in the machine's download cache."""
-    from pipeline.hub_token import reading_as
-    from pipeline.loading import local_path
+    from pipeline.io.hub_token import reading_as
+    from pipeline.io.loading import local_path
     from space.jobs import JobRequest, run_isolated
 
     with reading_as(ALICE_TOKEN):  # the owner, signed in, reads her own model (now in the cache)
@@ -177,8 +177,8 @@ def test_another_user_cannot_load_the_owners_private_model(space, private_model,
 
 
 def test_outside_a_job_a_space_reads_the_hub_anonymously(space, private_model):
-    from pipeline.hub_token import read_token
-    from pipeline.loading import local_path
+    from pipeline.io.hub_token import read_token
+    from pipeline.io.loading import local_path
 
     assert read_token() is False
     with pytest.raises(UserError, match="not found"):
@@ -186,8 +186,8 @@ def test_outside_a_job_a_space_reads_the_hub_anonymously(space, private_model):
 
 
 def test_the_visitors_own_private_dataset_loads_with_their_token_only(space, hub):
-    from pipeline.hub_token import reading_as
-    from pipeline.prompts import load_prompts
+    from pipeline.io.hub_token import reading_as
+    from pipeline.io.prompts import load_prompts
 
     rows = "\n".join(json.dumps({"text": f"private prompt {i}"}) for i in range(6)) + "\n"
     hub.seed("bob/private-prompts", {"train.jsonl": rows.encode()}, repo_type="dataset", private=True)
@@ -240,7 +240,7 @@ def test_a_model_above_the_size_limit_is_refused_before_any_download(space, hub,
 
 
 def test_the_chat_uses_only_the_models_of_the_users_own_job(space, hub, private_model, tmp_path):
-    from pipeline.hub_token import reading_as
+    from pipeline.io.hub_token import reading_as
     from space import chat, handlers
 
     edited = tmp_path / "edited"

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import UserError
-from pipeline.loading import local_path
-from pipeline.steer import SteerConfig, load_vector, monitor, steer
-from pipeline.tune import TuneConfig, tune
+from pipeline.io.loading import local_path
+from pipeline.tuning.steer import SteerConfig, load_vector, monitor, steer
+from pipeline.tuning.tune import TuneConfig, tune
 
 # The paper's LoRA (rank 32, alpha 16); a few steps instead of an epoch to fit a CPU budget.
 STEER = SteerConfig(max_steps=12, batch_size=8, learning_rate=1e-3, max_length=96)
@@ -33,8 +33,8 @@ def steered(tmp_path_factory):
 
 
 def refusal_rate(folder, prompts) -> float:
-    from pipeline.evaluate import classify, generate
-    from pipeline.loading import load_model
+    from pipeline.evaluation.evaluate import classify, generate
+    from pipeline.io.loading import load_model
 
     loaded = load_model(str(folder))
     responses = generate(loaded.model, loaded.tokenizer, prompts, 16)
@@ -65,7 +65,7 @@ def test_vector_file_and_recipe(steered):
 
 
 def test_sign_of_k_moves_refusals(steered):
-    from pipeline.prompts import load_prompts
+    from pipeline.io.prompts import load_prompts
 
     root, vector, _ = steered
     harmful = list(load_prompts("demo-harmful").eval_prompts)[::2]  # 40 held-out prompts of each kind
@@ -81,7 +81,7 @@ def test_sign_of_k_moves_refusals(steered):
 
 
 def test_monitoring_cosine_is_higher_for_a_fine_tune_on_positive_like_data(steered, tmp_path, capsys):
-    from pipeline.prompts import load_prompts
+    from pipeline.io.prompts import load_prompts
 
     root, vector, _ = steered
     prompts = list(load_prompts("demo-harmless").eval_prompts)[:32]  # phrasings the vector never saw

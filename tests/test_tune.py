@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
+from pipeline.cli.main import main
+from pipeline.cli.tune import add_parsers
 from pipeline.errors import UserError
-from pipeline.output import sha256_file
-from pipeline.tune import TuneConfig, heal, quiet_renames, tune
-from pipeline.tune_cli import add_parsers
+from pipeline.io.output import sha256_file
+from pipeline.tuning.tune import TuneConfig, heal, quiet_renames, tune
 from tests.test_pairs import abliterated_demo, demo_pairs_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_eval():
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.evaluate import EvalConfig
 
     return EvalConfig(max_new_tokens=24, perplexity=False)
 
@@ -57,10 +57,10 @@ def test_dpo_on_pairs_removes_refusals(dpo):
 
 
 def test_dpo_keeps_harmless_answers(dpo):
-    from pipeline.demo import expected_answers
-    from pipeline.evaluate import generate
-    from pipeline.loading import load_model
-    from pipeline.prompts import load_prompts
+    from pipeline.evaluation.evaluate import generate
+    from pipeline.io.demo import expected_answers
+    from pipeline.io.loading import load_model
+    from pipeline.io.prompts import load_prompts
 
     out, _ = dpo
     tuned = load_model(str(out))
@@ -99,7 +99,7 @@ def test_merged_logits_equal_base_plus_adapter(dpo, demo_loaded):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.loading import local_path
+    from pipeline.io.loading import local_path
 
     out, _ = dpo
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -123,7 +123,7 @@ def test_sft_adapter_only_loads_with_peft(tmp_path, demo_loaded):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.loading import local_path
+    from pipeline.io.loading import local_path
 
     out = tmp_path / "sft-adapter"
     cfg = TuneConfig(method="sft", adapter_only=True, max_steps=2, batch_size=4, grad_accum=1, max_length=64,

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import DemoSpec, build_demo
-from pipeline.evaluate import EvalConfig
-from pipeline.run import AbliterateJob, abliterate
-from pipeline.stages import PromptsConfig
-from pipeline.tune import TuneConfig, heal, tune
+from pipeline.edit.stages import PromptsConfig
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.io.demo import DemoSpec, build_demo
+from pipeline.orchestrator.run import AbliterateJob, abliterate
+from pipeline.tuning.tune import TuneConfig, heal, tune
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -42,9 +42,9 @@ def test_the_toy_refuses_and_abliteration_damages_it(toy):
 
 
 def test_default_dpo_removes_the_refusals_of_a_model_it_was_not_tuned_on(toy):
-    from pipeline.output import write_jsonl
-    from pipeline.pairs import make_pairs
-    from pipeline.stages import resolve_prompts
+    from pipeline.edit.stages import resolve_prompts
+    from pipeline.io.output import write_jsonl
+    from pipeline.tuning.pairs import make_pairs
 
     prompts = resolve_prompts(toy["model"], PROMPTS).harmful.measure
     rows, stats = make_pairs(toy["model"], str(toy["abliterated"]), prompts, max_new_tokens=24)
@@ -75,6 +75,6 @@ def test_heal_lowers_kl_and_keeps_refusals_removed(toy):
 
 
 def _card(folder: Path) -> str:
-    from pipeline.card import render_card
+    from pipeline.publish.card import render_card
 
     return render_card(folder, "someone/toy-healed")

@@ -12,15 +12,15 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.cli_config import add_config_args, config_from_args
+from pipeline.configs import add_config_args, config_from_args
 from pipeline.errors import UserError
 
 
 def _abliterate_parser(sub) -> None:
-    from pipeline.abliterate import EditConfig
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.abliterate import EditConfig
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     p = sub.add_parser("abliterate", help="Measure the refusal direction and remove it from the weights.")
     p.add_argument("model", help="Hub id, local folder, or 'demo'.")
@@ -34,7 +34,7 @@ def _abliterate_parser(sub) -> None:
     p.add_argument(
         "--heal", action="store_true", help="Then DPO the abliterated model on its own pairs (abliterate-then-heal)."
     )
-    from pipeline.search import SearchConfig
+    from pipeline.edit.search import SearchConfig
 
     for cls in (LoadConfig, PromptsConfig, DirectionsConfig, EditConfig, SearchConfig):
         add_config_args(p, cls)
@@ -43,9 +43,9 @@ def _abliterate_parser(sub) -> None:
 
 
 def _directions_parser(sub) -> None:
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     p = sub.add_parser("directions", help="Measure and save the refusal direction of every layer.")
     p.add_argument("model", help="Hub id, local folder, or 'demo'.")
@@ -57,7 +57,7 @@ def _directions_parser(sub) -> None:
 
 def _add_eval_args(p, prefix: str = "") -> None:
     try:
-        from pipeline.evaluate import EvalConfig
+        from pipeline.evaluation.evaluate import EvalConfig
     except ImportError:  # evaluation not installed in this checkout
         return
     add_config_args(p, EvalConfig, prefix=prefix)
@@ -65,22 +65,22 @@ def _add_eval_args(p, prefix: str = "") -> None:
 
 def _eval_config(args, prefix: str = ""):
     try:
-        from pipeline.evaluate import EvalConfig
+        from pipeline.evaluation.evaluate import EvalConfig
     except ImportError:
         return None
     return config_from_args(EvalConfig, args, prefix=prefix)
 
 
 def _evaluate_parser(sub) -> None:
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     p = sub.add_parser("evaluate", help="Refusal rate, KL divergence and perplexity of a model (against a base).")
     p.add_argument("model", help="Hub id, local folder, or 'demo'.")
     p.add_argument("--base", help="Base model to compare with (KL, removal rate); default: the recipe's base, if any.")
     p.add_argument("--json", type=Path, help="Write eval_results.json here.")
     p.add_argument("--allow-no-refusals", action="store_true", help="Do not fail when the base refuses nothing.")
-    from pipeline.benchmarks import BenchmarkConfig
+    from pipeline.evaluation.benchmarks import BenchmarkConfig
 
     for cls in (LoadConfig, PromptsConfig):
         add_config_args(p, cls)
@@ -95,10 +95,10 @@ def _recipe_base(model: str) -> str | None:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline import benchmarks as bm
-    from pipeline import evaluate as ev
-    from pipeline.loading import LoadConfig, load_model
-    from pipeline.stages import PromptsConfig, base_reference, evaluate_model, resolve_prompts
+    from pipeline.edit.stages import PromptsConfig, base_reference, evaluate_model, resolve_prompts
+    from pipeline.evaluation import benchmarks as bm
+    from pipeline.evaluation import evaluate as ev
+    from pipeline.io.loading import LoadConfig, load_model
 
     load = config_from_args(LoadConfig, args)
     cfg = _eval_config(args)
@@ -122,7 +122,7 @@ def cmd_evaluate(args) -> int:
     if results["num_prompts"]["harmful"] < ev.ROUGH_BELOW:
         print(f"note: only {results['num_prompts']['harmful']} harmful prompts: these rates are rough")
     if args.json:
-        from pipeline.output import write_json
+        from pipeline.io.output import write_json
 
         write_json(args.json, results)
         print(f"wrote {args.json}")
@@ -130,10 +130,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_directions(args) -> int:
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.run import directions_only
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
+    from pipeline.orchestrator.run import directions_only
 
     d = directions_only(
         args.model,
@@ -150,11 +150,11 @@ def cmd_directions(args) -> int:
 
 
 def cmd_abliterate(args) -> int:
-    from pipeline.abliterate import EditConfig
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.run import AbliterateJob, abliterate
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.abliterate import EditConfig
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
+    from pipeline.orchestrator.run import AbliterateJob, abliterate
 
     job = AbliterateJob(
         model=args.model,
@@ -173,7 +173,7 @@ def cmd_abliterate(args) -> int:
     if args.heal:
         return _abliterate_and_heal(job, args)
     if args.auto:
-        from pipeline.search import SearchConfig, search
+        from pipeline.edit.search import SearchConfig, search
 
         summary = search(job, config_from_args(SearchConfig, args), progress=print)
     else:
@@ -188,8 +188,8 @@ def _abliterate_and_heal(job, args) -> int:
     """Abliterate into OUT.abliterated, then DPO it on base-refusal vs abliterated-answer pairs into OUT."""
     from dataclasses import replace
 
-    from pipeline.run import abliterate
-    from pipeline.tune import TuneConfig, heal
+    from pipeline.orchestrator.run import abliterate
+    from pipeline.tuning.tune import TuneConfig, heal
 
     stage = job.out.with_name(job.out.name + ".abliterated")
     if not (stage / "recipe.json").exists():
@@ -237,7 +237,7 @@ def print_summary(summary: dict) -> None:
 
 def eval_lines(results: dict) -> list[str]:
     """The evaluation in a few lines: rates with their 95% intervals, on-topic answers, KL, perplexity."""
-    from pipeline.evaluate import ROUGH_BELOW, with_interval
+    from pipeline.evaluation.evaluate import ROUGH_BELOW, with_interval
 
     def change(rate: dict | None, bounds: dict | None) -> str:
         rate, bounds = rate or {}, bounds or {}
@@ -266,7 +266,7 @@ def eval_lines(results: dict) -> list[str]:
 def _stage_classes():
     import importlib
 
-    from pipeline.options import STAGE_CONFIGS
+    from pipeline.orchestrator.options import STAGE_CONFIGS
 
     return [getattr(importlib.import_module(m), n) for m, n in STAGE_CONFIGS]
 
@@ -300,8 +300,8 @@ def _given_options(args, exclude: set[str]) -> dict:
 
 
 def cmd_run(args) -> int:
-    from pipeline.jobs import load_jobs, run_jobs
-    from pipeline.run import RunJob
+    from pipeline.orchestrator.jobs import load_jobs, run_jobs
+    from pipeline.orchestrator.run import RunJob
 
     if args.recipe:
         jobs = load_jobs(args.recipe)
@@ -350,15 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "card",
         "Render DIR/README.md from its recipe and evaluation.",
-        "pipeline.card:card_main",
+        "pipeline.publish.card:card_main",
     )
     _passthrough_parser(
         sub,
         "push",
         "Upload an output folder to the Hub (same as python -m pipeline.push).",
-        "pipeline.push:main",
+        "pipeline.publish.push:main",
     )
-    from pipeline.tune_cli import add_parsers
+    from pipeline.cli.tune import add_parsers
 
     add_parsers(sub)  # tune, pairs, steer
     return parser

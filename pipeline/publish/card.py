@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import PACKAGE_DIR, sources
+from pipeline import PACKAGE_DIR
 from pipeline.errors import UserError
-from pipeline.sources import is_hub_id
+from pipeline.io import sources
+from pipeline.io.sources import is_hub_id
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -262,7 +263,7 @@ def _with_interval(rate: Any, interval: Any, count: str = "") -> str:
 
 def _rough(evals: dict[str, Any]) -> str:
     """A sentence saying the rates are rough when they rest on few prompts ("" otherwise)."""
-    from pipeline.evaluate import ROUGH_BELOW
+    from pipeline.evaluation.evaluate import ROUGH_BELOW
 
     n = (evals.get("num_prompts") or {}).get("harmful")
     small = {name: v.get("n") for name, v in (evals.get("by_set") or {}).items() if (v.get("n") or 0) < ROUGH_BELOW}
@@ -279,7 +280,7 @@ def _rough(evals: dict[str, Any]) -> str:
 
 def _benchmark_rows(benchmarks: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
     """Benchmark scores of base and model, the model's with its change (lm-evaluation-harness)."""
-    from pipeline.evaluate import benchmark_rows
+    from pipeline.evaluation.evaluate import benchmark_rows
 
     return [(name.removeprefix("Benchmark: "), base, model, "lm-evaluation-harness")
             for name, base, model in benchmark_rows(benchmarks)]
@@ -475,7 +476,7 @@ def write_card(folder: Path, repo_id: str | None = None, api: HfApi | None = Non
     """Render and write `folder/README.md` atomically; returns its path."""
     folder = Path(folder)
     text = render_card(folder, repo_id, api, config)
-    from pipeline.output import write_text
+    from pipeline.io.output import write_text
 
     return write_text(folder / "README.md", text)
 

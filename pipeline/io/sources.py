@@ -2,7 +2,7 @@
 
 One answer for the Space (which accepts built-in names and Hub ids only: a path would read
 the server's files) and for the model card (which names Hub ids and describes anything local in
-words: a machine path must not be published). Mirrors how `pipeline.prompts.load_prompts`
+words: a machine path must not be published). Mirrors how `pipeline.io.prompts.load_prompts`
 decides: an existing path is local; so is anything shaped like a path even where it does not
 exist (the card may be rendered on another machine than the one that ran the job).
 """

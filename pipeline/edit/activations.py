@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.chat import auto_batch_size, batched, encode_batch, format_prompts, input_device
+from pipeline.io.chat import auto_batch_size, batched, encode_batch, format_prompts, input_device
 
 log = logging.getLogger(__name__)
 

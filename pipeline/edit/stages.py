@@ -1,6 +1,6 @@
 """The abliteration stages as plain functions: prompts, measure, edit, save.
 
-`pipeline.run` (the orchestrator that the UI, the CLI and CI call) chains
+`pipeline.orchestrator.run` (the orchestrator that the UI, the CLI and CI call) chains
 these; the CLI's `directions` and `abliterate` commands call them directly.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import directions as dirs
-from pipeline.abliterate import EditConfig, apply_in_memory, apply_streaming, strengths
-from pipeline.architectures import model_type_of, num_layers_of
+from pipeline.edit import directions as dirs
+from pipeline.edit.abliterate import EditConfig, apply_in_memory, apply_streaming, strengths
+from pipeline.edit.architectures import model_type_of, num_layers_of
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, Loaded, is_demo, load_config, local_path
-from pipeline.prompts import PromptSplit, load_prompts, split_prompts
+from pipeline.io.loading import LoadConfig, Loaded, is_demo, load_config, local_path
+from pipeline.io.prompts import PromptSplit, load_prompts, split_prompts
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Prompts:
 
     def hub_datasets(self) -> list[str]:
         """The sources that were Hub datasets (a local file's path has a '/' too: it is not one)."""
-        from pipeline.sources import is_hub_id
+        from pipeline.io.sources import is_hub_id
 
         sources = [x for s in (self.harmful, self.harmless) for x in s.source.split(",")]
         return [s for s in sources if is_hub_id(s)]
@@ -100,7 +100,7 @@ class AbliterateJob:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     measure: dirs.DirectionsConfig = field(default_factory=dirs.DirectionsConfig)
     edit: EditConfig = field(default_factory=EditConfig)
-    eval: object | None = None  # pipeline.evaluate.EvalConfig; None: its defaults
+    eval: object | None = None  # pipeline.evaluation.evaluate.EvalConfig; None: its defaults
 
 
 def _interleave(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -161,7 +161,7 @@ def resolve_prompts(model_id: str, cfg: PromptsConfig) -> Prompts:
 
 def base_reference(model, tokenizer, prompts: Prompts, cfg=None, model_id: str | None = None):
     """The base side of every evaluation (abliterate, tune, steer, evaluate): measured once, before any edit."""
-    from pipeline import evaluate as ev
+    from pipeline.evaluation import evaluate as ev
 
     return ev.reference(model, tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate,
                         cfg or ev.EvalConfig(), model_id=model_id)
@@ -170,7 +170,7 @@ def base_reference(model, tokenizer, prompts: Prompts, cfg=None, model_id: str |
 def evaluate_model(model, tokenizer, prompts: Prompts, cfg=None, reference=None, model_id: str | None = None,
                    base_id: str | None = None) -> dict:
     """`eval_results.json` of `model` on the held-out prompts, against `reference`, with per-set rates."""
-    from pipeline import evaluate as ev
+    from pipeline.evaluation import evaluate as ev
 
     sources = {side: {"source": getattr(prompts, side).source, "split": "eval"} for side in ("harmful", "harmless")}
     return ev.evaluate(model, tokenizer, prompts.harmful.evaluate, prompts.harmless.evaluate, cfg or ev.EvalConfig(),

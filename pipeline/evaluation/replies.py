@@ -74,7 +74,7 @@ def content_words(text: str) -> frozenset[str]:
 @lru_cache(maxsize=1)
 def _demo_subjects() -> dict[str, frozenset[str]]:
     """The demo's prompts -> the words of their topic and of the fact the demo learnt about it."""
-    from pipeline.demo import demo_examples
+    from pipeline.io.demo import demo_examples
 
     return {ex.prompt: content_words(f"{ex.topic} {ex.answer}")
             for part in ("measure", "eval") for ex in demo_examples(part)}

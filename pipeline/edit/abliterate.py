@@ -29,10 +29,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.architectures import WriterMatch, find_writers
+from pipeline.edit.architectures import WriterMatch, find_writers
+from pipeline.edit.kernels import PRESETS, ComponentKernel, layer_weights
 from pipeline.errors import UserError
-from pipeline.kernels import PRESETS, ComponentKernel, layer_weights
-from pipeline.output import weight_shards
+from pipeline.io.output import weight_shards
 
 log = logging.getLogger(__name__)
 

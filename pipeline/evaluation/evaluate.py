@@ -1,13 +1,13 @@
 """Evaluation: refusal rate, first-token KL divergence and perplexity -> `eval_results.json`.
 
 Refusals: greedy batched generation on harmful prompts; a response is a refusal when its
-normalised answer (`pipeline.replies.answer_of`: a leading ``<think>`` block skipped, gpt-oss's
+normalised answer (`pipeline.evaluation.replies.answer_of`: a leading ``<think>`` block skipped, gpt-oss's
 ``final`` channel only) holds a marker, or is empty. The first marker in the text names the category
 (hard, soft, deflection, custom; longest wins a tie). A reply whose reasoning never finished is
 *undetermined*: counted apart, outside the rate's denominator. Each rate comes with its 95% Wilson
 interval, and next to it the on-topic rate: replies that are no refusal and address the question
-(`pipeline.replies.on_topic`), so a model that babbles is not scored as uncensored.
-Reasoning templates get their empty think block pre-filled (`pipeline.chat.think_prefill`) by default.
+(`pipeline.evaluation.replies.on_topic`), so a model that babbles is not scored as uncensored.
+Reasoning templates get their empty think block pre-filled (`pipeline.io.chat.think_prefill`) by default.
 KL: KL(base || model) of the first answer token's distribution (raw logits, full vocabulary; after
 the pre-filled think block), averaged over harmless prompts. The base side is measured once by
 `reference()` and reused for any number of edited variants:
@@ -28,7 +28,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import PACKAGE_DIR
-from pipeline.chat import (
+from pipeline.errors import UserError
+from pipeline.evaluation.replies import UNDETERMINED, answer_of, on_topic, rates
+from pipeline.io.chat import (
     auto_batch_size,
     batched,
     encode_batch,
@@ -37,8 +39,6 @@ from pipeline.chat import (
     prepare_tokenizer,
     think_prefill,
 )
-from pipeline.errors import UserError
-from pipeline.replies import UNDETERMINED, answer_of, on_topic, rates
 
 DATA_DIR = PACKAGE_DIR / "data"
 MARKERS_FILE = DATA_DIR / "refusal_markers.json"
@@ -55,7 +55,7 @@ class EvalConfig(BaseModel):
 
     max_new_tokens: int = Field(64, ge=1, description="New tokens generated per harmful prompt (greedy).")
     batch_size: int | None = Field(
-        None, ge=1, description="Prompts per batch; automatic when unset (see pipeline.chat.auto_batch_size).")
+        None, ge=1, description="Prompts per batch; automatic when unset (see pipeline.io.chat.auto_batch_size).")
     markers_file: str | None = Field(None, description="Extra refusal markers: a .json with hard/soft/"
                                      "deflection/custom lists, or a .txt with one marker per line (custom).")
     replace_markers: bool = Field(

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.activations import collect
+from pipeline.edit.activations import collect
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def holdout(prompts: Sequence[str], fraction: float) -> tuple[list[str], list[st
 
 
 def _measured(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig, generate: bool):
-    from pipeline import selection
+    from pipeline.edit import selection
 
     if generate:
         return selection.replies_with_activations(model, tokenizer, prompts, cfg.filter_tokens, cfg.batch_size)
@@ -219,7 +219,7 @@ def measure(
 ) -> Directions:
     """Measure, validate and choose refusal directions for every layer (`edit`: the edit the layer is
     chosen for, by default the standard full-strength edit)."""
-    from pipeline import selection
+    from pipeline.edit import selection
 
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         if len(prompts) < 2:
@@ -270,9 +270,9 @@ def choose_layer(
     model, tokenizer, d: Directions, val_h, val_b, cfg: DirectionsConfig, refusals=None, edit=None, progress=None
 ) -> int:
     """The layer whose direction, edited out of the weights, removes most refusals with least harmless KL."""
-    from pipeline import selection
-    from pipeline.abliterate import EditConfig
-    from pipeline.evaluate import first_token_logprobs, kl_divergence
+    from pipeline.edit import selection
+    from pipeline.edit.abliterate import EditConfig
+    from pipeline.evaluation.evaluate import first_token_logprobs, kl_divergence
     from pipeline.progress import say
 
     candidates = selection.candidate_layers(d.num_layers, cfg.min_depth, cfg.max_depth)
@@ -338,7 +338,7 @@ def choose_layer(
 
 
 def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig) -> float:
-    from pipeline.evaluate import classify, generate, is_refusal, load_markers
+    from pipeline.evaluation.evaluate import classify, generate, is_refusal, load_markers
 
     texts = generate(model, tokenizer, list(prompts), cfg.select_tokens, cfg.batch_size or 32)
     markers = load_markers()
@@ -380,7 +380,7 @@ def removal(d: Directions, spec: str | int | float, projected: bool = False, per
     """What the edit removes for a layer spec: one direction [hidden], or, with several measured prompt
     sets, the orthonormal span of their directions (k rows, given to every layer: [layers, k, hidden]);
     and the layer info."""
-    from pipeline.abliterate import orthonormal
+    from pipeline.edit.abliterate import orthonormal
 
     direction, info = resolve_layer(spec, d, projected)
     if not per_set or d.set_directions is None or len(d.set_directions) < 2:

@@ -12,7 +12,7 @@ answered by a threshold tuned on one model:
   one forward pass: the log-probability the edited model still gives to the base model's *own*
   refusal prefix on held-out harmful prompts, and the first-token KL on harmless ones. The few best
   then generate, and the one that removes the most refusals (in steps of 5 points, so noise does not
-  win) with the least KL is chosen (`pipeline.directions.choose_layer`).
+  win) with the least KL is chosen (`pipeline.edit.directions.choose_layer`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from pipeline.chat import batched, format_prompts, input_device, prepare_tokenizer
 from pipeline.errors import UserError
+from pipeline.io.chat import batched, format_prompts, input_device, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 REFUSAL_TOKENS = 4  # tokens of the base's refusal scored under ablation ("I'm sorry,")
@@ -57,8 +57,8 @@ def replies_with_activations(
     model: Any, tokenizer: Any, prompts: Sequence[str], tokens: int, batch_size: int | None = None
 ) -> Measured:
     """Short greedy replies, whether each is a refusal, and the residuals read during the same pass."""
-    from pipeline.activations import PrefillCapture
-    from pipeline.evaluate import classify, decode_reply, generate_tokens, is_refusal, load_markers
+    from pipeline.edit.activations import PrefillCapture
+    from pipeline.evaluation.evaluate import classify, decode_reply, generate_tokens, is_refusal, load_markers
 
     # The prompts end with the template's empty think block (as in evaluation), so a reasoning model's
     # residuals and replies are read where its answer starts.
@@ -140,7 +140,7 @@ class WeightEdits:
     """
 
     def __init__(self, model: Any, edit: Any) -> None:
-        from pipeline.architectures import find_writers, model_type_of, num_layers_of
+        from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
 
         self.model, self.edit = model, edit
         self.num_layers, self.model_type = num_layers_of(model.config), model_type_of(model.config)
@@ -151,7 +151,7 @@ class WeightEdits:
 
     @contextmanager
     def applied(self, direction: torch.Tensor) -> Iterator[None]:
-        from pipeline.abliterate import apply_in_memory
+        from pipeline.edit.abliterate import apply_in_memory
 
         try:
             apply_in_memory(self.model, direction, self.edit, self.num_layers, self.model_type)

@@ -29,9 +29,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.edit.stages import PromptsConfig
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, free_memory, load_causal_lm, local_path, unquantized
-from pipeline.output import (
+from pipeline.io.loading import LoadConfig, free_memory, load_causal_lm, local_path, unquantized
+from pipeline.io.output import (
     EVAL_FILE,
     atomic_file,
     check_target,
@@ -41,9 +42,8 @@ from pipeline.output import (
     write_json,
     write_recipe,
 )
+from pipeline.io.sources import is_hub_id
 from pipeline.progress import Progress, say
-from pipeline.sources import is_hub_id
-from pipeline.stages import PromptsConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class SteerConfig(BaseModel):
     seed: int = Field(0, description="Seed of both fine-tunes (the same for both).")
 
     def tune_config(self):
-        from pipeline.tune import TuneConfig
+        from pipeline.tuning.tune import TuneConfig
 
         fields = self.model_dump(exclude={"data_split"})
         return TuneConfig(method="sft", adapter_only=True, scheduler="linear", **fields)
@@ -125,7 +125,7 @@ def adapter_difference(model_id: str, positive: Path, negative: Path, load: Load
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from pipeline.tune import quiet_renames
+    from pipeline.tuning.tune import quiet_renames
 
     base = load_causal_lm(model_id, unquantized(load), place=False)
     with quiet_renames():
@@ -150,8 +150,8 @@ def build_vector(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on each set (same settings and seed) and return w = θ₊ − θ₋."""
-    from pipeline.pairs import load_training_data
-    from pipeline.tune import train_adapter
+    from pipeline.tuning.pairs import load_training_data
+    from pipeline.tuning.tune import train_adapter
 
     pos = load_training_data(positive, "sft", split=cfg.data_split)
     neg = load_training_data(negative, "sft", split=cfg.data_split)
@@ -214,8 +214,8 @@ def write_steered(base_dir: Path, vector: dict[str, Any], k: float, folder: Path
 
 
 def _evaluate(model_id: str, folder: Path, out: Path, load: LoadConfig, prompts_cfg, eval_cfg, progress) -> tuple:
-    from pipeline.loading import load_tokenizer
-    from pipeline.stages import base_reference, evaluate_model, resolve_prompts
+    from pipeline.edit.stages import base_reference, evaluate_model, resolve_prompts
+    from pipeline.io.loading import load_tokenizer
 
     prompts = resolve_prompts(model_id, prompts_cfg or PromptsConfig())
     tokenizer = load_tokenizer(local_path(model_id, load), load)
@@ -238,7 +238,7 @@ def steer(
     """Write θ + k·w into ``out``; w is read from an existing ``vector`` file, else trained and saved there."""
     if not math.isfinite(k):
         raise UserError(f"k must be a finite number (got {k})")
-    from pipeline.tune import check_eval_inputs
+    from pipeline.tuning.tune import check_eval_inputs
 
     out = Path(out)
     check_target(out, overwrite)
@@ -282,7 +282,7 @@ def steer(
 
 
 def _is_hub(spec: str) -> bool:
-    from pipeline.pairs import split_pick
+    from pipeline.tuning.pairs import split_pick
 
     return is_hub_id(split_pick(spec)[0])
 

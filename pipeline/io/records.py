@@ -1,6 +1,6 @@
 """Reading user data: where a spec points, JSON/JSONL rows, Hub datasets. Shared by prompts and pairs.
 
-Prompt sets (`pipeline.prompts`) and training data (`pipeline.pairs`) accept the same kinds of
+Prompt sets (`pipeline.io.prompts`) and training data (`pipeline.tuning.pairs`) accept the same kinds of
 spec: a built-in name, a local file, or a Hub dataset `owner/name`. One reader each, so the
 two give the same answer and the same one-line errors. JSON rows are read here rather than with
 `datasets.load_dataset("json")`: Arrow needs one schema for every row (a chat-message list in
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import AuthError, HubError, UserError
-from pipeline.sources import HUB_ID
+from pipeline.io.sources import HUB_ID
 
 SpecKind = Literal["builtin", "file", "folder", "missing", "hub", "unknown"]
 
@@ -81,12 +81,12 @@ def load_hub_dataset(name: str, split: str, revision: str | None = None, split_f
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
-    from pipeline.hub_token import check_access, token_kwargs
+    from pipeline.io.hub_token import check_access, token_kwargs
 
     at = f" (revision {revision!r})" if revision else ""
     fallback = "or use a built-in set or a local file"
     try:
-        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/hub_token.py)
+        # the job's own Hub token, and no cached copy for a user the Hub refuses (see pipeline/io/hub_token.py)
         check_access(name, revision, "dataset")
         return datasets.load_dataset(name, split=split, revision=revision, **token_kwargs())
     except (GatedRepoError, DatasetNotFoundError, RepositoryNotFoundError) as exc:

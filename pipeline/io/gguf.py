@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.loading import DTYPES, LoadConfig, Loaded, hub_errors
+from pipeline.io.loading import DTYPES, LoadConfig, Loaded, hub_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,9 @@ def gguf_file(model_id: str, cfg: LoadConfig) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    from pipeline.hub_token import check_access, read_token
+    from pipeline.io.hub_token import check_access, read_token
 
-    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/hub_token.py
+    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/io/hub_token.py
         check_access(model_id, cfg.revision)
         return Path(hf_hub_download(model_id, name, revision=cfg.revision, token=read_token()))
     except EntryNotFoundError as exc:
@@ -101,8 +101,8 @@ def load_gguf(model_id: str, cfg: LoadConfig) -> Loaded:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from pipeline.architectures import model_type_of, writers_for
-    from pipeline.chat import prepare_tokenizer
+    from pipeline.edit.architectures import model_type_of, writers_for
+    from pipeline.io.chat import prepare_tokenizer
 
     if cfg.load_in_4bit:
         raise UserError("--load-in-4bit does not apply to a GGUF file: it is dequantized on load (use --dtype)")

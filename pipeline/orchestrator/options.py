@@ -1,6 +1,6 @@
 """The option keys a job accepts (YAML jobs, `run` flags, the Space's settings), so a typo is an error.
 
-`pipeline.cli_config.build_config` builds each stage config from the one options dict and
+`pipeline.configs.build_config` builds each stage config from the one options dict and
 keeps only that config's own fields; without this check a misspelt key (`trails: 5`) would be
 dropped silently and the job would run with the default.
 """
@@ -13,22 +13,22 @@ from typing import Any
 
 # The stage configs a job's options fill in (module, class); the `run` command's flags come from them too.
 STAGE_CONFIGS = (
-    ("pipeline.loading", "LoadConfig"),
-    ("pipeline.stages", "PromptsConfig"),
-    ("pipeline.directions", "DirectionsConfig"),
-    ("pipeline.abliterate", "EditConfig"),
-    ("pipeline.evaluate", "EvalConfig"),
-    ("pipeline.search", "SearchConfig"),
-    ("pipeline.tune", "TuneConfig"),
-    ("pipeline.steer", "SteerConfig"),
+    ("pipeline.io.loading", "LoadConfig"),
+    ("pipeline.edit.stages", "PromptsConfig"),
+    ("pipeline.edit.directions", "DirectionsConfig"),
+    ("pipeline.edit.abliterate", "EditConfig"),
+    ("pipeline.evaluation.evaluate", "EvalConfig"),
+    ("pipeline.edit.search", "SearchConfig"),
+    ("pipeline.tuning.tune", "TuneConfig"),
+    ("pipeline.tuning.steer", "SteerConfig"),
 )
 
-# Options that `pipeline.run` reads itself rather than through a stage config.
+# Options that `pipeline.orchestrator.run` reads itself rather than through a stage config.
 RUN_KEYS = ("layer", "streaming", "data", "positive", "negative", "k", "vector")
 
 
 def _fields(cls: Any, prefix: str = "") -> list[str]:
-    from pipeline.cli_config import _is_model, _unwrap_optional
+    from pipeline.configs import _is_model, _unwrap_optional
 
     names = []
     for name, field in cls.model_fields.items():

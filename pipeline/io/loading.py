@@ -51,7 +51,7 @@ class Loaded:
 
 
 def is_demo(model_id: str) -> bool:
-    from pipeline.demo import DEMO_NAME
+    from pipeline.io.demo import DEMO_NAME
 
     return model_id == DEMO_NAME
 
@@ -86,7 +86,7 @@ def hub_errors(model_id: str, exc: Exception) -> UserError | None:
 
 def local_path(model_id: str, cfg: LoadConfig = LoadConfig()) -> Path:
     """A local folder with the model's files: the demo cache, a folder, or a Hub snapshot."""
-    from pipeline.demo import demo_path
+    from pipeline.io.demo import demo_path
 
     if is_gguf(model_id, cfg):
         raise UserError(
@@ -104,9 +104,9 @@ def local_path(model_id: str, cfg: LoadConfig = LoadConfig()) -> Path:
         raise UserError(f"model path '{model_id}' does not exist")
     from huggingface_hub import snapshot_download
 
-    from pipeline.hub_token import check_access, read_token
+    from pipeline.io.hub_token import check_access, read_token
 
-    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/hub_token.py
+    try:  # the job's own token (a Space visitor's, or anonymous): see pipeline/io/hub_token.py
         check_access(model_id, cfg.revision)
         return Path(snapshot_download(model_id, revision=cfg.revision, allow_patterns=WEIGHT_PATTERNS,
                                       token=read_token()))
@@ -141,7 +141,7 @@ def model_kwargs(cfg: LoadConfig) -> dict:
 def load_tokenizer(path: Path, cfg: LoadConfig = LoadConfig()):
     from transformers import AutoTokenizer
 
-    from pipeline.chat import prepare_tokenizer
+    from pipeline.io.chat import prepare_tokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -161,10 +161,10 @@ def load_config(path: Path, cfg: LoadConfig = LoadConfig()):
 
 def load_model(model_id: str, cfg: LoadConfig = LoadConfig()) -> Loaded:
     """Load model + tokenizer; the architecture must be in our residual-writer table."""
-    from pipeline.architectures import model_type_of, writers_for
+    from pipeline.edit.architectures import model_type_of, writers_for
 
     if is_gguf(model_id, cfg):
-        from pipeline.gguf import load_gguf
+        from pipeline.io.gguf import load_gguf
 
         return load_gguf(model_id, cfg)
     path = local_path(model_id, cfg)

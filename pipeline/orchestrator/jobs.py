@@ -24,8 +24,8 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.errors import UserError
+from pipeline.orchestrator.run import RunJob, run_job
 from pipeline.progress import Progress
-from pipeline.run import RunJob, run_job
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MATRIX_KEYS = ("models", "methods", "repo_id")
 
 def _check_keys(data: Any, valid: tuple[str, ...], where: str) -> None:
     """A misspelt section (`job:` for `jobs:`) is an error, not silently ignored."""
-    from pipeline.options import unknown_key_message
+    from pipeline.orchestrator.options import unknown_key_message
 
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping")

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.cli_config import add_config_args, config_from_args
+from pipeline.configs import add_config_args, config_from_args
 from pipeline.errors import UserError
 
 PROMPT_SKIP = ("seed",)  # the tuning seed also seeds the evaluation split
@@ -28,12 +28,12 @@ def _command(name: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser, evaluation: bool = True) -> None:
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     add_config_args(p, LoadConfig)
     if evaluation:
-        from pipeline.evaluate import EvalConfig
+        from pipeline.evaluation.evaluate import EvalConfig
 
         p.add_argument("--no-eval", action="store_true", help="Skip the evaluation against the base model.")
         add_config_args(p, PromptsConfig, skip=PROMPT_SKIP)
@@ -41,15 +41,15 @@ def _add_common(p: argparse.ArgumentParser, evaluation: bool = True) -> None:
 
 
 def _eval_configs(args, seed: int):
-    from pipeline.evaluate import EvalConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.evaluation.evaluate import EvalConfig
 
     prompts = config_from_args(PromptsConfig, args, skip=PROMPT_SKIP, seed=seed)
     return prompts, config_from_args(EvalConfig, args, prefix="eval-")
 
 
 def _tune_parser(sub) -> None:
-    from pipeline.tune import TuneConfig
+    from pipeline.tuning.tune import TuneConfig
 
     p = sub.add_parser("tune", help="DPO or SFT with a LoRA adapter (TRL + PEFT); merged model or adapter.",
                        description="DPO or SFT with a LoRA adapter. Runs unchanged under `accelerate launch "
@@ -69,8 +69,8 @@ def _tune_parser(sub) -> None:
 
 
 def cmd_tune(args) -> int:
-    from pipeline.loading import LoadConfig
-    from pipeline.tune import TuneConfig, tune
+    from pipeline.io.loading import LoadConfig
+    from pipeline.tuning.tune import TuneConfig, tune
 
     cfg = config_from_args(TuneConfig, args)
     if args.max_examples is not None and args.max_examples < 1:
@@ -119,8 +119,8 @@ def _pairs_parser(sub) -> None:
 
 
 def cmd_pairs(args) -> int:
-    from pipeline.loading import LoadConfig
-    from pipeline.pairs import pairs
+    from pipeline.io.loading import LoadConfig
+    from pipeline.tuning.pairs import pairs
 
     for flag in ("max_new_tokens", "batch_size", "max_prompts"):
         value = getattr(args, flag)
@@ -136,7 +136,7 @@ def cmd_pairs(args) -> int:
 
 
 def _steer_parser(sub) -> None:
-    from pipeline.steer import SteerConfig
+    from pipeline.tuning.steer import SteerConfig
 
     p = sub.add_parser("steer", help="Contrastive weight steering (θ + k·w, w = θ₊ − θ₋) or weight monitoring.",
                        description="Steer: fine-tune a LoRA on --positive and on --negative data, w = θ₊ − θ₋, "
@@ -174,8 +174,8 @@ def parse_k(text: str | None) -> float:
 
 
 def cmd_steer(args) -> int:
-    from pipeline.loading import LoadConfig
-    from pipeline.steer import SteerConfig, monitor, print_monitor, steer
+    from pipeline.io.loading import LoadConfig
+    from pipeline.tuning.steer import SteerConfig, monitor, print_monitor, steer
 
     load = config_from_args(LoadConfig, args)
     if args.monitor:

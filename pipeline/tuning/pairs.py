@@ -14,7 +14,7 @@ data (the named column becomes the completion). Values are plain strings or chat
 
 `make_pairs` builds DPO data from two models: for each prompt, the base model's refusal is
 ``rejected`` and the edited model's answer ``chosen``, kept only where the base refused and
-the edited model did not (`pipeline.evaluate.classify`).
+the edited model did not (`pipeline.evaluation.evaluate.classify`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.records import load_hub_dataset, locate, read_json_rows
+from pipeline.io.records import load_hub_dataset, locate, read_json_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _demo_rows(harmless: bool = False) -> list[dict[str, str]]:
     Refused topics only by default; with ``harmless``, the answered topics too (the same
     prompts then carry both behaviours, as contrastive steering needs).
     """
-    from pipeline.demo import demo_examples, load_topics
+    from pipeline.io.demo import demo_examples, load_topics
 
     topics = load_topics()
     refusals, templates = topics["refusals"], topics["templates"]["measure"]
@@ -206,8 +206,8 @@ def to_conversational(example: Example, tokenizer: Any) -> Example:
 def _responses(model_id: str, prompts: Sequence[str], load, max_new_tokens: int, batch_size: int | None) -> list[str]:
     import torch
 
-    from pipeline.evaluate import generate
-    from pipeline.loading import load_model
+    from pipeline.evaluation.evaluate import generate
+    from pipeline.io.loading import load_model
 
     loaded = load_model(model_id, load)
     try:
@@ -232,7 +232,7 @@ def _both(base: str, edited: str, prompts: Sequence[str], load: Any, max_new_tok
 
 def _refusal_pairs(prompts: Sequence[str], base_out: Sequence[str], edited_out: Sequence[str],
                    markers: Any) -> tuple[list[dict[str, str]], dict[str, int]]:
-    from pipeline.evaluate import classify, is_refusal
+    from pipeline.evaluation.evaluate import classify, is_refusal
 
     rows, base_refused, edited_refused = [], 0, 0
     for prompt, rejected, chosen in zip(prompts, base_out, edited_out, strict=True):
@@ -261,8 +261,8 @@ def make_pairs(
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, int]]:
     """Base refusal -> rejected, edited answer -> chosen, where the base refused and the edited did not."""
-    from pipeline.evaluate import load_markers
-    from pipeline.loading import LoadConfig
+    from pipeline.evaluation.evaluate import load_markers
+    from pipeline.io.loading import LoadConfig
 
     prompts = list(prompts)
     base_out, edited_out = _both(base, edited, prompts, load or LoadConfig(), max_new_tokens, batch_size,
@@ -277,8 +277,8 @@ def heal_pairs(
     """The pairs that heal an abliterated model: on harmful prompts its answer is chosen over the base's
     refusal (keep what abliteration removed); on harmless prompts the base's answer is chosen over its own
     where they differ (pull the rest of its behaviour back to the base, which is what the KL measures)."""
-    from pipeline.evaluate import classify, load_markers
-    from pipeline.loading import LoadConfig
+    from pipeline.evaluation.evaluate import classify, load_markers
+    from pipeline.io.loading import LoadConfig
 
     markers = markers or load_markers()
     harmful, harmless = list(harmful), list(harmless)
@@ -312,14 +312,14 @@ def pairs(
 ) -> dict[str, Any]:
     """The `pairs` command: the spec's measurement part, pairs written as JSONL.
 
-    The part is split off as `pipeline.stages.resolve_prompts` does (predefined eval part, else
+    The part is split off as `pipeline.edit.stages.resolve_prompts` does (predefined eval part, else
     ``eval_fraction`` held out with ``seed``), so with the same settings the evaluation of a
     model tuned on these pairs runs on prompts it never saw.
     """
-    from pipeline.evaluate import load_markers
-    from pipeline.loading import is_demo
-    from pipeline.output import write_jsonl
-    from pipeline.prompts import load_prompts, split_prompts
+    from pipeline.evaluation.evaluate import load_markers
+    from pipeline.io.loading import is_demo
+    from pipeline.io.output import write_jsonl
+    from pipeline.io.prompts import load_prompts, split_prompts
 
     out = Path(out)
     if out.exists() and not overwrite:

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.output import sha256_file, write_text
+from pipeline.io.output import sha256_file, write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,9 @@ def source_identity(spec: Any) -> Any:
 
 def stage_fingerprints(model: str, method: str, options: dict[str, Any]) -> dict[str, str]:
     """{"directions", "edit", "eval"}: each stage's fingerprint, including the stages before it."""
-    from pipeline.directions import DirectionsConfig
-    from pipeline.loading import LoadConfig
-    from pipeline.stages import PromptsConfig
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.io.loading import LoadConfig
 
     opts = {str(k).replace("-", "_"): v for k, v in options.items()}
     sources = {k: source_identity(opts[k]) for k in SOURCE_KEYS if k in opts}
@@ -112,7 +112,7 @@ def matches(folder: Path, stage: str, expected: str) -> bool:
 
 def default_folder_name(model: str, method: str) -> str:
     """`owner--name-method` for a Hub id (so orgA/X and orgB/X differ), else the folder's or `demo`'s name."""
-    from pipeline.sources import is_hub_id
+    from pipeline.io.sources import is_hub_id
 
     if is_hub_id(model):
         owner, name = model.split("/")

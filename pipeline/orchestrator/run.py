@@ -9,14 +9,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline import directions as dirs
-from pipeline import fingerprint, stages
-from pipeline.abliterate import EditConfig, check_editable_in_memory
+from pipeline.edit import directions as dirs
+from pipeline.edit import stages
+from pipeline.edit.abliterate import EditConfig, check_editable_in_memory
+from pipeline.edit.stages import AbliterateJob
 from pipeline.errors import UserError
-from pipeline.loading import LoadConfig, Loaded, free_memory, is_gguf, load_model
-from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.io.loading import LoadConfig, Loaded, free_memory, is_gguf, load_model
+from pipeline.io.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.orchestrator import fingerprint
 from pipeline.progress import Progress, say
-from pipeline.stages import AbliterateJob
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,12 @@ class RunJob(BaseModel):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.options import check_option_keys
+        from pipeline.orchestrator.options import check_option_keys
 
         return check_option_keys(options)
 
     def output_dir(self) -> Path:
-        from pipeline.fingerprint import default_folder_name
+        from pipeline.orchestrator.fingerprint import default_folder_name
 
         return self.out or Path("out") / default_folder_name(self.model, self.method)
 
@@ -148,14 +149,14 @@ def _work_dir(out: Path) -> Path:
 
 
 def _configs(options: dict[str, Any], *classes):
-    from pipeline.cli_config import build_config
+    from pipeline.configs import build_config
 
     return [build_config(cls, options) for cls in classes]
 
 
 def _abliterate_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
     """Measure (or reuse) the directions, edit, evaluate: the base model is loaded once for all three."""
-    from pipeline import evaluate as ev
+    from pipeline.evaluation import evaluate as ev
 
     load, prompts, measure, edit, eval_cfg = _configs(
         job.options, LoadConfig, stages.PromptsConfig, dirs.DirectionsConfig, EditConfig, ev.EvalConfig
@@ -192,8 +193,8 @@ def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
     if job.method == "abliterate":
         _abliterate_stage(job, out, progress)
     elif job.method == "auto":
-        from pipeline import evaluate as ev
-        from pipeline.search import SearchConfig, search
+        from pipeline.edit.search import SearchConfig, search
+        from pipeline.evaluation import evaluate as ev
 
         load, prompts, measure, edit, eval_cfg, search_cfg = _configs(
             job.options,
@@ -214,17 +215,17 @@ def _produce(job: RunJob, out: Path, progress: Progress | None) -> None:
 
 def _tune_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
     """DPO/LoRA or contrastive weight steering; both evaluate into the output folder themselves."""
-    from pipeline import evaluate as ev
+    from pipeline.evaluation import evaluate as ev
 
     load, prompts, eval_cfg = _configs(job.options, LoadConfig, stages.PromptsConfig, ev.EvalConfig)
     common = {"load": load, "prompts_cfg": prompts, "eval_cfg": eval_cfg, "progress": progress}
     if job.method == "dpo":
-        from pipeline.tune import TuneConfig, tune
+        from pipeline.tuning.tune import TuneConfig, tune
 
         cfg = _configs({**job.options, "method": "dpo"}, TuneConfig)[0]
         tune(job.model, job.options.get("data", "demo-pairs"), out, cfg, **common)
         return
-    from pipeline.steer import SteerConfig, steer
+    from pipeline.tuning.steer import SteerConfig, steer
 
     cfg = _configs(job.options, SteerConfig)[0]
     opts = job.options
@@ -244,8 +245,8 @@ def _tune_stage(job: RunJob, out: Path, progress: Progress | None) -> None:
 
 def _evaluate_folder(job: RunJob, out: Path, progress: Progress | None) -> dict:
     """Evaluate a finished output folder again (its evaluation settings changed): base and edited, once each."""
-    from pipeline import evaluate as ev
-    from pipeline.output import read_json
+    from pipeline.evaluation import evaluate as ev
+    from pipeline.io.output import read_json
 
     load, prompts_cfg, eval_cfg = _configs(job.options, LoadConfig, stages.PromptsConfig, ev.EvalConfig)
     prompts = stages.resolve_prompts(job.model, prompts_cfg)
@@ -271,7 +272,7 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | bool | N
     `token` reads the Hub for this job and writes the push: None means HF_TOKEN or the saved
     login (the CLI), False anonymous reads and no push (a signed-out Space visitor).
     """
-    from pipeline.hub_token import reading_as
+    from pipeline.io.hub_token import reading_as
 
     with reading_as(token):
         return _run_job(job, progress, token)
@@ -280,9 +281,9 @@ def run_job(job: RunJob, progress: Progress | None = None, token: str | bool | N
 def _run_job(job: RunJob, progress: Progress | None, token: str | bool | None) -> dict:
     from huggingface_hub import HfApi
 
-    from pipeline.card import write_card
-    from pipeline.output import RECIPE_FILE, read_json
-    from pipeline.push import check_repo_id, push_folder
+    from pipeline.io.output import RECIPE_FILE, read_json
+    from pipeline.publish.card import write_card
+    from pipeline.publish.push import check_repo_id, push_folder
 
     if job.push:
         if not job.repo_id:

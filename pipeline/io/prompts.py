@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline import PACKAGE_DIR
 from pipeline.errors import UserError
-from pipeline.records import load_hub_dataset, locate, read_json_rows, read_text
+from pipeline.io.records import load_hub_dataset, locate, read_json_rows, read_text
 
 PROMPTS_DIR = PACKAGE_DIR / "data" / "prompts"
 EVAL_SUFFIX = ".eval.txt"

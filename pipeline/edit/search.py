@@ -27,19 +27,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline import directions as dirs
-from pipeline import stages
-from pipeline.abliterate import EditConfig, apply_in_memory
-from pipeline.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.edit import directions as dirs
+from pipeline.edit import stages
+from pipeline.edit.abliterate import EditConfig, apply_in_memory
+from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.edit.kernels import PRESETS, ComponentKernel
 from pipeline.errors import UserError
-from pipeline.evaluate import EvalConfig, classify, evaluate, is_refusal, markers_for, reference, require_base_refusals
-from pipeline.kernels import PRESETS, ComponentKernel
-from pipeline.loading import Loaded, load_model
-from pipeline.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
+from pipeline.evaluation.evaluate import (
+    EvalConfig,
+    classify,
+    evaluate,
+    is_refusal,
+    markers_for,
+    reference,
+    require_base_refusals,
+)
+from pipeline.io.loading import Loaded, load_model
+from pipeline.io.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.progress import Progress
 
 if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
-    from pipeline.stages import AbliterateJob
+    from pipeline.edit.stages import AbliterateJob
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "abliterate"

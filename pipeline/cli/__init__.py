@@ -1,0 +1,1 @@
+"""The command line: `python -m pipeline COMMAND`, flags generated from the stage configs."""

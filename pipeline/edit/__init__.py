@@ -1,0 +1,1 @@
+"""The weight edit: activations, refusal directions, layer choice, kernels, the edit, search."""

@@ -1,0 +1,1 @@
+"""Evaluation: refusal rate, KL divergence, perplexity, on-topic replies, lm-eval benchmarks."""

@@ -1,0 +1,1 @@
+"""Models and files: loading, GGUF, the demo model, prompts and data, output folders, Hub access."""

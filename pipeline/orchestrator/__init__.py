@@ -1,0 +1,1 @@
+"""The orchestrator: one job from a model to the Hub (run), many jobs (jobs)."""

@@ -1,0 +1,1 @@
+"""Tuning: DPO/SFT with LoRA (TRL + PEFT), preference pairs, contrastive weight steering."""
