@@ -14,7 +14,6 @@ import torch
 
 from pipeline.cli.main import main
 from pipeline.cli.tune import add_parsers
-from pipeline.errors import UserError
 from pipeline.io.output import sha256_file
 from pipeline.tuning.tune import TuneConfig, heal, quiet_renames, tune
 from tests.test_pairs import abliterated_demo, demo_pairs_file
@@ -152,8 +151,11 @@ def test_heal_with_given_pairs_records_both_stages(tmp_path):
     assert recipe["kind"] == "dpo" and recipe["base_model"] == "demo" and recipe["heal_pairs"] is None
     assert recipe["tuned_model"] == str(abliterated_demo())
     assert recipe["abliteration"]["kind"] == "abliterated"
-    with pytest.raises(UserError, match="healing uses DPO"):
-        heal(abliterated_demo(), "demo", tmp_path / "x", cfg.model_copy(update={"method": "sft"}))
+    # SFT (the default) heals on the chosen side of the same pairs: the abliterated model's answers.
+    sft = heal(abliterated_demo(), "demo", tmp_path / "sft", cfg.model_copy(update={"method": "sft"}),
+               data=str(demo_pairs_file()), evaluate=False)["recipe"]
+    assert sft["kind"] == "sft" and sft["data"]["kind"] == "sft"
+    assert sft["data"]["examples"] == recipe["data"]["examples"]
 
 
 def test_add_parsers_registers_the_commands():

@@ -32,7 +32,9 @@ def _abliterate_parser(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="Skip the before/after evaluation.")
     p.add_argument("--auto", action="store_true", help="Search the edit parameters (Optuna) and save the chosen trial.")
     p.add_argument(
-        "--heal", action="store_true", help="Then DPO the abliterated model on its own pairs (abliterate-then-heal)."
+        "--heal", action="store_true",
+        help="Then heal the abliterated model: a short LoRA fine-tune on its own answers to harmful prompts and "
+        "the base's answers to harmless ones, which lowers the KL divergence (abliterate-then-heal).",
     )
     from pipeline.edit.search import SearchConfig
 
@@ -185,11 +187,11 @@ def cmd_abliterate(args) -> int:
 
 
 def _abliterate_and_heal(job, args) -> int:
-    """Abliterate into OUT.abliterated, then DPO it on base-refusal vs abliterated-answer pairs into OUT."""
+    """Abliterate into OUT.abliterated (evaluated), then heal it into OUT (`pipeline.tuning.tune.heal`)."""
     from dataclasses import replace
 
     from pipeline.orchestrator.run import abliterate
-    from pipeline.tuning.tune import TuneConfig, heal
+    from pipeline.tuning.tune import HEAL, heal
 
     stage = job.out.with_name(job.out.name + ".abliterated")
     if not (stage / "recipe.json").exists():
@@ -198,7 +200,7 @@ def _abliterate_and_heal(job, args) -> int:
         stage,
         job.model,
         job.out,
-        TuneConfig(method="dpo"),
+        HEAL,
         load=job.load,
         prompts_cfg=job.prompts,
         eval_cfg=job.eval,

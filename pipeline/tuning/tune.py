@@ -328,17 +328,23 @@ def tune(
         shutil.rmtree(work, ignore_errors=True)
 
 
+HEAL = TuneConfig(method="sft")
+
+
 def heal(
-    abliterated: str | Path, base_model: str, out: Path, cfg: TuneConfig = TuneConfig(), *, data: str | None = None,
+    abliterated: str | Path, base_model: str, out: Path, cfg: TuneConfig = HEAL, *, data: str | None = None,
     load: LoadConfig = LoadConfig(), prompts_cfg: PromptsConfig | None = None, eval_cfg=None,
     evaluate: bool = True, overwrite: bool = False, max_new_tokens: int = 64, progress: Progress | None = None,
 ) -> dict | None:
-    """Abliterate-then-DPO: DPO on the abliterated model, evaluated against the original base.
+    """Abliterate-then-heal: a short LoRA run on the abliterated model, evaluated against the original base.
 
     Without ``data``, the pairs come from the measurement prompts (`pipeline.tuning.pairs.heal_pairs`): on
     harmful ones the abliterated answer is chosen over the base's refusal, on harmless ones the base's
-    answer over the abliterated model's where they differ. The pairs are kept in ``OUT/heal_pairs.jsonl``;
-    the abliteration recipe (with its evaluation, when it was evaluated) is kept under ``abliteration``.
+    answer over the abliterated model's where they differ. SFT (the default) trains on the chosen side:
+    self-distillation that pulls the harmless behaviour back to the base without bringing refusals back;
+    DPO trains on the pairs (on small models it moved the KL the wrong way: see docs/tuning.md). The pairs
+    are kept in ``OUT/heal_pairs.jsonl``; the abliteration recipe (with its evaluation, when it was
+    evaluated) is kept under ``abliteration``.
     """
     from pipeline.edit.stages import resolve_prompts
     from pipeline.io.output import read_json, write_jsonl
@@ -347,8 +353,6 @@ def heal(
     out, abliterated = Path(out), str(abliterated)
     check_target(out, overwrite)
     prompts_cfg = prompts_cfg or PromptsConfig()
-    if cfg.method != "dpo":
-        raise UserError("healing uses DPO: leave --method at dpo")
     pairs_info = None
     if data is None:
         prompts = resolve_prompts(base_model, prompts_cfg)
@@ -368,7 +372,7 @@ def heal(
         "heal_pairs": pairs_info,
     }
     try:
-        training = load_training_data(data, "dpo")
+        training = load_training_data(data if cfg.method == "dpo" else f"{data}:chosen", cfg.method)
         if pairs_info is not None:  # generated here: name the copy kept in the output folder
             training = dataclasses.replace(training, source="heal_pairs.jsonl")
         files = {"heal_pairs.jsonl": Path(data)} if pairs_info is not None else None
