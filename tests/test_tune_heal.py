@@ -16,7 +16,7 @@ from pipeline.edit.stages import PromptsConfig
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.demo import DemoSpec, build_demo
 from pipeline.orchestrator.run import AbliterateJob, abliterate
-from pipeline.tuning.tune import TuneConfig, heal, tune
+from pipeline.tuning.tune import HEAL, TuneConfig, heal, tune
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -58,7 +58,8 @@ def test_default_dpo_removes_the_refusals_of_a_model_it_was_not_tuned_on(toy):
 
 def test_heal_lowers_kl_and_keeps_refusals_removed(toy):
     out = toy["root"] / "healed"
-    summary = heal(toy["abliterated"], toy["model"], out, TuneConfig(max_length=96), prompts_cfg=PROMPTS,
+    summary = heal(toy["abliterated"], toy["model"], out, HEAL.model_copy(update={"max_length": 96}),
+                   prompts_cfg=PROMPTS,
                    eval_cfg=EVAL, max_new_tokens=24)
     before, after = toy["eval"], summary["eval"]
     assert after["kl_divergence"] < before["kl_divergence"], (before["kl_divergence"], after["kl_divergence"])
@@ -69,9 +70,10 @@ def test_heal_lowers_kl_and_keeps_refusals_removed(toy):
     assert pairs["pairs"] == pairs["refusal_pairs"] + pairs["harmless_pairs"]
     assert recipe["abliteration_eval"]["kl_divergence"] == pytest.approx(before["kl_divergence"])
     card = _card(out)
-    row = next(line for line in card.splitlines() if line.startswith("| KL divergence from base"))
-    assert [c.strip() for c in row.split("|")[2:5]] == ["0", f"{before['kl_divergence']:.4f}",
-                                                      f"{after['kl_divergence']:.4f}"]
+    rows = [[c.strip() for c in line.split("|")[2:5]] for line in card.splitlines()
+            if line.startswith("| KL divergence from base")]
+    assert ["0", f"{before['kl_divergence']:.4f}", f"{after['kl_divergence']:.4f}"] in rows  # base, ablated, healed
+    assert "### Healing" in card
 
 
 def _card(folder: Path) -> str:
