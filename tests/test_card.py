@@ -115,7 +115,8 @@ def test_card_of_a_written_folder_reports_its_measurements(written: Path) -> Non
     assert evals["refusal_rate"]["base"] >= 0.9 and evals["refusal_rate"]["model"] <= 0.1
     n, before, after = (evals["num_prompts"]["harmful"], evals["refusals"]["base"]["total"],
                         evals["refusals"]["model"]["total"])
-    assert f"{100 * before / n:.1f}% ({before}/{n})" in text and f"{100 * after / n:.1f}% ({after}/{n})" in text
+    for count in (before, after):
+        assert f"{100 * count / n:.1f}% ({count}/{n}; 95% CI" in text
     assert "norm-preserving" in text and "strengths.png" in text
 
 
@@ -252,7 +253,7 @@ def test_write_card_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_intervals_on_topic_and_rough_numbers(tmp_path: Path) -> None:
+def test_intervals_on_topic_and_rough_numbers(tmp_path: Path, real_recipe: dict[str, Any]) -> None:
     """Rates carry their Wilson intervals; on-topic and undetermined rows show; few prompts are called rough."""
     from pipeline.evaluation.replies import rates, wilson_interval
 
@@ -266,7 +267,7 @@ def test_intervals_on_topic_and_rough_numbers(tmp_path: Path) -> None:
                             "think_prefill": "<think>\n\n</think>\n\n"},
              **{key: {"base": base[key], "model": model[key]}
                 for key in ("refusal_rate", "refusal_interval", "on_topic_rate", "on_topic_interval", "undetermined")}}
-    text = card.render_card(write_sample(tmp_path / "small", evals=small), REPO_ID)
+    text = card.render_card(write_sample(tmp_path / "small", real_recipe, evals=small), REPO_ID)
     lo, hi = wilson_interval(2, 11)
     after = f"18.2% (2/11; 95% CI {100 * lo:.1f}–{100 * hi:.1f}%)"
     assert f"| Refusal rate ↓ | 100.0% (12/12; 95% CI 75.8–100.0%) | {after} |" in text
@@ -274,5 +275,5 @@ def test_intervals_on_topic_and_rough_numbers(tmp_path: Path) -> None:
     assert f"| On-topic answers ↑ | 0.0% (95% CI 0.0–24.2%) | 54.5% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%) |" in text
     assert "| Undetermined (reasoning unfinished) | 0 | 1 |" in text
     assert "only 12 harmful prompts, so they are rough" in text and "pre-filled" in text
-    plain = card.render_card(write_sample(tmp_path / "plain"), REPO_ID)  # 80 prompts, no intervals recorded
+    plain = card.render_card(write_sample(tmp_path / "plain", real_recipe), REPO_ID)  # 80 prompts, no intervals recorded
     assert "rough" not in plain and "95% CI" not in plain and "pre-filled" not in plain
