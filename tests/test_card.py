@@ -275,5 +275,6 @@ def test_intervals_on_topic_and_rough_numbers(tmp_path: Path, real_recipe: dict[
     assert f"| On-topic answers ↑ | 0.0% (95% CI 0.0–24.2%) | 54.5% (95% CI {100 * lo:.1f}–{100 * hi:.1f}%) |" in text
     assert "| Undetermined (reasoning unfinished) | 0 | 1 |" in text
     assert "only 12 harmful prompts, so they are rough" in text and "pre-filled" in text
-    plain = card.render_card(write_sample(tmp_path / "plain", real_recipe), REPO_ID)  # 80 prompts, no intervals recorded
+    # 80 prompts and no intervals recorded: neither a rough-number note nor a CI
+    plain = card.render_card(write_sample(tmp_path / "plain", real_recipe), REPO_ID)
     assert "rough" not in plain and "95% CI" not in plain and "pre-filled" not in plain
