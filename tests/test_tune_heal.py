@@ -72,7 +72,10 @@ def test_heal_lowers_kl_and_keeps_refusals_removed(toy):
     card = _card(out)
     rows = [[c.strip() for c in line.split("|")[2:5]] for line in card.splitlines()
             if line.startswith("| KL divergence from base")]
-    assert ["0", f"{before['kl_divergence']:.4f}", f"{after['kl_divergence']:.4f}"] in rows  # base, ablated, healed
+    healing = [r for r in rows if r[0] == "0" and all(c.replace(".", "", 1).isdigit() for c in r[1:])]
+    assert len(healing) == 1  # base, after abliteration, after healing (4 significant digits)
+    assert [float(c) for c in healing[0][1:]] == pytest.approx([before["kl_divergence"], after["kl_divergence"]],
+                                                               rel=1e-3)
     assert "### Healing" in card
 
 
