@@ -128,7 +128,7 @@ def link_markdown(result: JobResult) -> str:
 
 def chosen_markdown(recipe: dict[str, Any]) -> str:
     """What the automatic search chose, in words (empty for other jobs)."""
-    from pipeline.edit.search import describe
+    from pipeline.edit.search_report import describe
     from pipeline.edit.stages import describe_layer
 
     search = recipe.get("search")

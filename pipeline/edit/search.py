@@ -32,6 +32,7 @@ from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig, apply_in_memory
 from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
 from pipeline.edit.kernels import PRESETS, ComponentKernel
+from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (
     EvalConfig,
@@ -290,30 +291,6 @@ def _check_journal(path: Path) -> None:
             raise ValueError(f"line {number} is not an Optuna journal record")
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-_SHAPES = {"gaussian": ("gauss", "strength", "peak", "width"), "tent": ("tent", "max_weight", "position", "distance")}
-
-
-def describe(params: dict[str, Any]) -> str:
-    """A short description of a trial's edit: method, direction, kernel per component (weight@position±reach)."""
-    parts = [params["method"]] if "method" in params else []
-    parts.append(f"layer {params['layer']:.2f}" if "layer" in params else "per-layer")
-    for comp in ("attn", "mlp"):
-        kind = params[f"{comp}.kind"]
-        if kind == "off":
-            parts.append(f"{comp} off")
-            continue
-        label, *names = _SHAPES[kind]
-        w, at, reach = (params[f"{comp}.{n}"] for n in names)
-        floor = f">{params[f'{comp}.min_weight']:.2f}" if kind == "tent" else ""
-        parts.append(f"{comp} {label} {w:.2f}@{at:.2f}±{reach:.2f}{floor}")
-    return ", ".join(parts)
-
-
 Space = Callable[[Any, SearchConfig, EditConfig], dict[str, Any]]  # samples a trial's parameters
 
 
@@ -340,12 +317,12 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         study.tell(trial, [refusal, kl])
         done.append(Scored(trial.number, refusal, kl, params, layer))
         elapsed, left = time.monotonic() - start, cfg.trials - i - 1
-        eta = _fmt_time(elapsed / (i + 1) * left)
+        eta = fmt_time(elapsed / (i + 1) * left)
         if progress:
             best = rank(done, bench.base_rates["trial"] * cfg.target)[0]
             progress(f"trial {trial.number} [{i + 1}/{cfg.trials}]: refusal {refusal:.1%}, KL {kl:.4f} "
                      f"({describe(params)}) | best so far: trial {best.number}, refusal {best.refusal:.1%}, "
-                     f"KL {best.kl:.4f} | {_fmt_time(elapsed)} elapsed, ~{eta} left")
+                     f"KL {best.kl:.4f} | {fmt_time(elapsed)} elapsed, ~{eta} left")
     return done
 
 
@@ -427,42 +404,6 @@ def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float 
         raise UserError(f"none of the {len(trials)} trials lowered the refusal rate below the base's "
                         f"{base_rate:.1%}: run more --trials (the study continues where it stopped)")
     return best, f"no trial reached refusal ≤ {limit:.1%}: lowest refusal (ties by KL)" + kl_note
-
-
-def front_table(front: list[Scored], chosen: int | None = None) -> str:
-    lines = ["| trial | refusal | KL | edit |", "|---|---|---|---|"]
-    for t in front:
-        mark = " (chosen)" if t.number == chosen else ""
-        lines.append(f"| {t.number}{mark} | {t.refusal:.1%} | {t.kl:.4f} | {describe(t.params)} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_pareto(study: Any, chosen: Scored, limit: float, path: Path) -> None:
-    """Optuna's Pareto-front chart of the study, with the chosen trial and the refusal target marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization.matplotlib import plot_pareto_front
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot_pareto_front(study, target_names=["refusal rate (evaluation prompts)",
-                                                    "KL divergence (harmless, first token)"])
-    ax.scatter([chosen.refusal], [chosen.kl], marker="*", s=250, color="tab:red", zorder=5,
-               label=f"chosen (trial {chosen.number})")
-    ax.axvline(limit, color="tab:green", linestyle="--", label=f"refusal target {limit:.1%}")
-    kls = [t.kl for t in completed(study)]
-    if all(k > 0 for k in kls) and max(kls) > 100 * min(kls):
-        ax.set_yscale("log")
-    ax.set_title("Automatic search: refusal vs damage")
-    ax.legend(fontsize=8)
-    fig = ax.figure
-    fig.set_size_inches(7, 4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @dataclass
@@ -589,7 +530,7 @@ def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stag
         report = {**summary, "config": cfg.model_dump(mode="json"), "trials_all": [asdict(t) for t in result.trials],
                   "table": front_table(result.front, result.chosen.number)}
         write_json(tmp / SEARCH_FILE, report)
-        plot_pareto(study, result.chosen, result.limit, tmp / PARETO_PNG)
+        plot_pareto(study, result.chosen, result.limit, tmp / PARETO_PNG, [t.kl for t in result.trials])
     say(f"wrote {job.out}")
     return {"out": str(job.out), "changed_tensors": changed, "layer": layer, "recipe": rec, "eval": results,
             "search": summary}
