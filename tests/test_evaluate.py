@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from pipeline.errors import UserError
 from pipeline.evaluation import evaluate as ev
+from pipeline.evaluation import report
 from pipeline.evaluation.evaluate import EvalConfig, classify, load_markers, normalize
 from pipeline.evaluation.replies import answer_of
 from pipeline.io.output import write_json
@@ -327,7 +328,7 @@ def test_results_contract_and_reuse(demo, prompts, tmp_path) -> None:
     path = write_json(tmp_path / "out" / "eval_results.json", edited)
     assert json.loads(path.read_text()) == edited
     assert [p.name for p in path.parent.iterdir()] == ["eval_results.json"]
-    table = ev.markdown_table(edited)
+    table = report.markdown_table(edited)
     assert table.startswith("| Metric | Base | This model |")
     assert "| Refusal rate | 100.0% (95% CI 75.8–100.0%) |" in table  # Wilson interval of 12/12
     assert "Refusals: hard" in table and "KL divergence" in table
@@ -350,7 +351,7 @@ def test_evaluate_without_base(demo, prompts) -> None:
     assert results["removal_rate"] is None and results["perplexity"] == {"base": None, "model": None}
     assert results["refusals"]["base"] is None and results["samples"][0]["base"] is None
     ev.require_base_refusals(results)
-    assert "| Removal rate |  | – |" in ev.markdown_table(results)
+    assert "| Removal rate |  | – |" in report.markdown_table(results)
 
 
 def test_a_hedge_is_not_a_refusal() -> None:

@@ -100,6 +100,7 @@ def cmd_evaluate(args) -> int:
     from pipeline.edit.stages import PromptsConfig, base_reference, evaluate_model, resolve_prompts
     from pipeline.evaluation import benchmarks as bm
     from pipeline.evaluation import evaluate as ev
+    from pipeline.evaluation import report
     from pipeline.io.loading import LoadConfig, load_model
 
     load = config_from_args(LoadConfig, args)
@@ -120,8 +121,8 @@ def cmd_evaluate(args) -> int:
     results = evaluate_model(loaded.model, loaded.tokenizer, prompts, cfg, reference, args.model, base_id)
     if tasks is not None:
         results["benchmarks"] = bm.compare(base_scores, bm.run_benchmarks(loaded.model, loaded.tokenizer, bench, tasks))
-    print(ev.markdown_table(results))
-    if results["num_prompts"]["harmful"] < ev.ROUGH_BELOW:
+    print(report.markdown_table(results))
+    if results["num_prompts"]["harmful"] < report.ROUGH_BELOW:
         print(f"note: only {results['num_prompts']['harmful']} harmful prompts: these rates are rough")
     if args.json:
         from pipeline.io.output import write_json
@@ -239,7 +240,7 @@ def print_summary(summary: dict) -> None:
 
 def eval_lines(results: dict) -> list[str]:
     """The evaluation in a few lines: rates with their 95% intervals, on-topic answers, KL, perplexity."""
-    from pipeline.evaluation.evaluate import ROUGH_BELOW, with_interval
+    from pipeline.evaluation.report import ROUGH_BELOW, with_interval
 
     def change(rate: dict | None, bounds: dict | None) -> str:
         rate, bounds = rate or {}, bounds or {}

@@ -45,7 +45,6 @@ MARKERS_FILE = DATA_DIR / "refusal_markers.json"
 REFERENCE_TEXT = DATA_DIR / "reference.txt"
 CATEGORIES = ("hard", "soft", "deflection")
 CUSTOM, EMPTY = "custom", "empty"
-ROUGH_BELOW = 30  # prompts: fewer, and the card calls the rate rough
 
 
 class EvalConfig(BaseModel):
@@ -498,66 +497,3 @@ def require_base_refusals(results: dict[str, Any] | BaseReference, markers: Mark
         total, n = base["total"], results["num_prompts"]["harmful"]
     if total == 0:
         raise UserError(f"the base model refused none of the {n} harmful prompts: nothing to remove")
-
-
-def _fmt(value: float | None, kind: str = "num") -> str:
-    return "–" if value is None else f"{100 * value:.1f}%" if kind == "pct" else f"{value:.4g}"
-
-
-def with_interval(rate: float | None, interval: Sequence[float] | None) -> str:
-    """"12.5% (95% CI 4.3–29.0%)": a rate and its 95% interval."""
-    if rate is None:
-        return "–"
-    if not interval:
-        return _fmt(rate, "pct")
-    return f"{_fmt(rate, 'pct')} (95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%)"
-
-
-def _sides(values: dict[str, Any] | None, bounds: dict[str, Any] | None) -> tuple[str, str]:
-    """(base, model) cells of a rate with its interval."""
-    values, bounds = values or {}, bounds or {}
-    base, model = (with_interval(values.get(side), bounds.get(side)) for side in ("base", "model"))
-    return base, model
-
-
-def benchmark_rows(benchmarks: dict[str, dict] | None) -> list[tuple[str, str, str]]:
-    """(name, base, model with its change) per benchmark metric."""
-    rows = []
-    for task, scores in (benchmarks or {}).items():
-        for metric, v in scores.items():
-            delta = "" if v.get("delta") is None else f" ({v['delta']:+.4g})"
-            rows.append((f"Benchmark: {task} {metric}", _fmt(v.get("base")), _fmt(v.get("model")) + delta))
-    return rows
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    """A before/after table for the model card and the Space: rates with their 95% Wilson intervals."""
-    ppl, refusals = results["perplexity"], results["refusals"]
-    n = results["num_prompts"]["harmful"]
-
-    def count(side: str, key: str) -> str:
-        counts = refusals[side]
-        return "–" if counts is None else f"{counts.get(key, 0)}/{n}"
-
-    per_set = [
-        (f"Refusal rate: {name} ({v['n']} prompts)", *_sides(v, v.get("interval")))
-        for name, v in (results.get("by_set") or {}).items()
-    ]
-    undetermined = results.get("undetermined") or {}
-    rows = [
-        ("Refusal rate", *_sides(results["refusal_rate"], results.get("refusal_interval"))),
-        *per_set,
-        ("On-topic answers", *_sides(results.get("on_topic_rate"), results.get("on_topic_interval"))),
-        *([("Undetermined (reasoning unfinished)", _fmt(undetermined.get("base")), _fmt(undetermined.get("model")))]
-          if any(undetermined.values()) else []),
-        *((f"Refusals: {k}", count("base", k), count("model", k)) for k in refusals["model"] if k != "total"),
-        ("Removal rate", "", _fmt(results["removal_rate"], "pct")),
-        ("KL divergence (first answer token)", "0", _fmt(results["kl_divergence"])),
-        ("Perplexity (reference text)", _fmt(ppl["base"]), _fmt(ppl["model"])),
-        *benchmark_rows(results.get("benchmarks")),
-    ]
-    lines = ["| Metric | Base | This model |", "|---|---|---|"]
-    lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
-    return "\n".join(lines) + "\n"
-
-

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline import PACKAGE_DIR
 from pipeline.errors import UserError
+from pipeline.evaluation.report import benchmark_rows, number, percent, rough_note, with_interval
 from pipeline.io import sources
 from pipeline.io.sources import is_hub_id
 
@@ -226,7 +227,20 @@ def card_data(recipe: dict[str, Any], evals: dict[str, Any], model_name: str,
 
 
 # ----------------------------------------------------------------- body context
+_KERNEL_FIELDS = {"gaussian": ("strength", "peak", "width"),
+                  "tent": ("max_weight", "position", "min_weight", "distance")}
+
+
+def _kernel_text(kernel: dict[str, Any]) -> str:
+    """"gaussian: strength 1, peak 0.5, width 2 (of depth)": a per-layer kernel in words, not JSON."""
+    names = _KERNEL_FIELDS.get(kernel["kind"], ())
+    settings = ", ".join(f"{n.replace('_', ' ')} {_fmt(kernel.get(n))}" for n in names)
+    return f"{kernel['kind']}: {settings} (positions as fractions of depth)" if settings else str(kernel["kind"])
+
+
 def _fmt(value: Any) -> str:
+    if isinstance(value, dict) and value.get("kind") in (*_KERNEL_FIELDS, "off"):
+        return _kernel_text(value)
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -243,45 +257,8 @@ def _cell(value: Any) -> str:
     return _fmt(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _pct(value: Any) -> str:
-    return "–" if value is None else f"{100 * float(value):.1f}%"
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    return "–" if value is None else f"{float(value):.{digits}g}"
-
-
-def _with_interval(rate: Any, interval: Any, count: str = "") -> str:
-    """"10.0% (4/40; 95% CI 4.0–23.1%)": a rate, its count and its 95% Wilson interval when known."""
-    if rate is None:
-        return "–"
-    parts = [count.strip(" ()")] if count else []
-    if interval:
-        parts.append(f"95% CI {100 * interval[0]:.1f}–{100 * interval[1]:.1f}%")
-    return _pct(rate) + (f" ({'; '.join(parts)})" if parts else "")
-
-
-def _rough(evals: dict[str, Any]) -> str:
-    """A sentence saying the rates are rough when they rest on few prompts ("" otherwise)."""
-    from pipeline.evaluation.evaluate import ROUGH_BELOW
-
-    n = (evals.get("num_prompts") or {}).get("harmful")
-    small = {name: v.get("n") for name, v in (evals.get("by_set") or {}).items() if (v.get("n") or 0) < ROUGH_BELOW}
-    if not n or (n >= ROUGH_BELOW and not small):
-        return ""
-    if n < ROUGH_BELOW:
-        bounds = (evals.get("refusal_interval") or {}).get("model")
-        span = f" (its 95% interval spans {100 * (bounds[1] - bounds[0]):.0f} points)" if bounds else ""
-        return (f"These rates rest on only {n} harmful prompts, so they are rough{span}: a few replies more or "
-                "less move them by many points. Evaluate on more prompts for a firmer number.")
-    sets = ", ".join(f"`{name}` ({k})" for name, k in small.items())
-    return f"The rates of the smaller prompt sets are rough: {sets} prompts."
-
-
 def _benchmark_rows(benchmarks: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
     """Benchmark scores of base and model, the model's with its change (lm-evaluation-harness)."""
-    from pipeline.evaluation.evaluate import benchmark_rows
-
     return [(name.removeprefix("Benchmark: "), base, model, "lm-evaluation-harness")
             for name, base, model in benchmark_rows(benchmarks)]
 
@@ -308,21 +285,21 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     ppl_set = "the pipeline's reference text" if ppl_source == "reference-text" else f"`{sources.describe(ppl_source)}`"
     topical, topical_bounds = evals.get("on_topic_rate") or {}, evals.get("on_topic_interval") or {}
     rows = [
-        ("Refusal rate ↓", _with_interval(refusal_base, bounds.get("base"), total("base")),
-         _with_interval(refusal_model, bounds.get("model"), total("model")), harmful_set),
+        ("Refusal rate ↓", with_interval(refusal_base, bounds.get("base"), total("base")),
+         with_interval(refusal_model, bounds.get("model"), total("model")), harmful_set),
         *(
-            (f"Refusal rate: {name} ↓", _with_interval(v.get("base"), (v.get("interval") or {}).get("base")),
-             _with_interval(v.get("model"), (v.get("interval") or {}).get("model")),
+            (f"Refusal rate: {name} ↓", with_interval(v.get("base"), (v.get("interval") or {}).get("base")),
+             with_interval(v.get("model"), (v.get("interval") or {}).get("model")),
              f"`{name}` ({harmful_split} split, {v.get('n', '?')} prompts)")
             for name, v in (evals.get("by_set") or {}).items()
         ),
-        *([("On-topic answers ↑", _with_interval(topical.get("base"), topical_bounds.get("base")),
-            _with_interval(topical.get("model"), topical_bounds.get("model")), harmful_set)] if topical else []),
+        *([("On-topic answers ↑", with_interval(topical.get("base"), topical_bounds.get("base")),
+            with_interval(topical.get("model"), topical_bounds.get("model")), harmful_set)] if topical else []),
         *([("Undetermined (reasoning unfinished)", _fmt(undetermined.get("base")), _fmt(undetermined.get("model")),
             harmful_set)] if any(undetermined.values()) else []),
-        ("Refusals removed", "–", _pct(evals.get("removal_rate")), harmful_set),
-        ("KL divergence from base ↓", "0", _num(evals.get("kl_divergence")), harmless_set),
-        ("Perplexity", _num(ppl_base), _num(ppl_model), ppl_set),
+        ("Refusals removed", "–", percent(evals.get("removal_rate")), harmful_set),
+        ("KL divergence from base ↓", "0", number(evals.get("kl_divergence")), harmless_set),
+        ("Perplexity", number(ppl_base), number(ppl_model), ppl_set),
         *_benchmark_rows(evals.get("benchmarks")),
     ]
     kinds = ("hard", "soft", "deflection", "empty", "total")
@@ -331,7 +308,7 @@ def _evaluation(evals: dict[str, Any]) -> dict[str, Any]:
     decoding = "greedy decoding" if not gen.get("do_sample") else "sampling"
     generation = f"{decoding}, up to {gen.get('max_new_tokens', '?')} new tokens"
     return {"rows": rows, "breakdown": breakdown if counts else [], "generation": generation,
-            "rough": _rough(evals), "intervals": bool(bounds), "on_topic": bool(topical),
+            "rough": rough_note(evals), "intervals": bool(bounds), "on_topic": bool(topical),
             "prefill": bool(gen.get("think_prefill"))}
 
 
@@ -340,13 +317,15 @@ def _healing(recipe: dict[str, Any], evals: dict[str, Any]) -> list[tuple[str, s
     before = recipe.get("abliteration_eval")
     if not before or not evals:
         return []
-    rows = [("Refusal rate ↓", *(_pct(x) for x in (*_pair(before, "refusal_rate"), _pair(evals, "refusal_rate")[1])))]
-    rows += [(f"Refusal rate: {name} ↓", _pct(v.get("base")), _pct(v.get("model")),
-              _pct(((evals.get("by_set") or {}).get(name) or {}).get("model")))
+    refusals = (*_pair(before, "refusal_rate"), _pair(evals, "refusal_rate")[1])
+    rows = [("Refusal rate ↓", *(percent(x) for x in refusals))]
+    rows += [(f"Refusal rate: {name} ↓", percent(v.get("base")), percent(v.get("model")),
+              percent(((evals.get("by_set") or {}).get(name) or {}).get("model")))
              for name, v in (before.get("by_set") or {}).items()]
-    rows.append(("KL divergence from base ↓", "0", _num(before.get("kl_divergence")), _num(evals.get("kl_divergence"))))
+    kls = (before.get("kl_divergence"), evals.get("kl_divergence"))
+    rows.append(("KL divergence from base ↓", "0", *(number(x) for x in kls)))
     ppl = (*_pair(before, "perplexity"), _pair(evals, "perplexity")[1])
-    return rows + [("Perplexity", *(_num(x) for x in ppl))]
+    return rows + [("Perplexity", *(number(x) for x in ppl))]
 
 
 def _search(recipe: dict[str, Any]) -> dict[str, Any] | None:
@@ -356,8 +335,8 @@ def _search(recipe: dict[str, Any]) -> dict[str, Any] | None:
     plain, chosen = found.get("plain_edit_on_test") or {}, found.get("chosen_on_test") or {}
     return {"trials": found.get("trials"), "chosen": found.get("chosen_trial"), "rule": found.get("rule"),
             "test_prompts": ((found.get("prompts") or {}).get("test") or {}).get("harmful"),
-            "rows": [("Refusal rate ↓", _pct(plain.get("refusal")), _pct(chosen.get("refusal"))),
-                     ("KL divergence from base ↓", _num(plain.get("kl")), _num(chosen.get("kl")))] if plain else []}
+            "rows": [("Refusal rate ↓", percent(plain.get("refusal")), percent(chosen.get("refusal"))),
+                     ("KL divergence from base ↓", number(plain.get("kl")), number(chosen.get("kl")))] if plain else []}
 
 
 def _strength_rows(strengths: dict[str, Any] | None) -> tuple[list[str], list[list[str]]]:
@@ -369,7 +348,7 @@ def _strength_rows(strengths: dict[str, Any] | None) -> tuple[list[str], list[li
         return [], []
     depth = max(len(v) for v in per_layer.values())
     header = ["layer", *per_layer]
-    rows = [[str(i), *(_num(v[i], 3) if i < len(v) else "–" for v in per_layer.values())] for i in range(depth)]
+    rows = [[str(i), *(number(v[i], 3) if i < len(v) else "–" for v in per_layer.values())] for i in range(depth)]
     return header, rows
 
 
@@ -420,7 +399,7 @@ def environment(cards_dir: Path = CARDS_DIR) -> Any:
 
     env = Environment(loader=FileSystemLoader(str(cards_dir)), undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters.update(cell=_cell, pct=_pct, num=_num)
+    env.filters.update(cell=_cell, pct=percent, num=number)
     return env
 
 
