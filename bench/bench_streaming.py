@@ -4,7 +4,7 @@ Builds (and caches) a random llama-architecture checkpoint in several safetensor
 shards, then alternates, `--repeats` times:
 
 * copy: `shutil.copyfile` of every shard into a fresh folder on the same disk;
-* edit: `apply_streaming(src, fresh folder, r, EditConfig(), ...)` with a random
+* edit: `apply_streaming(src, fresh folder, r, EditConfig().placed(0.5), ...)` with a random
   unit direction r, run in a child process so its peak RSS can be read.
 
 Dropping the page cache needs root, so instead both are run alternately and the
@@ -227,7 +227,7 @@ def child_main(payload: str) -> None:
             shutil.copyfile(shard, dst / shard.name)
     else:
         changed = ab.apply_streaming(
-            src, dst, direction, ab.EditConfig(), config["num_hidden_layers"], config["model_type"]
+            src, dst, direction, ab.EditConfig().placed(0.5), config["num_hidden_layers"], config["model_type"]
         )
     if args["sync"]:
         os.sync()
@@ -282,7 +282,7 @@ def verify(src: Path, dst: Path, direction, num_layers: int, model_type: str, pe
     from pipeline.edit.architectures import find_writers
     from pipeline.io.output import weight_shards
 
-    plan = strengths(EditConfig(), num_layers)
+    plan = strengths(EditConfig().placed(0.5), num_layers)
     headers_ok, compared, mismatched, compared_bytes = True, 0, [], 0
     writers_total, writers_changed = 0, 0
     for shard in weight_shards(src):

@@ -240,8 +240,8 @@ def stream(publish: bool, values: dict[str, Any], oauth_token: Any) -> Iterator[
 def abliterate_and_publish(
     model_id: str = "demo", repo_id: str = "", private: bool = False, method: str = "abliterate",
     mode: str = "preset", preset: str = "standard", edit_method: str = "standard", layer: str = "best",
-    attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 2.0, mlp_strength: float = 1.0,
-    mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
+    attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 0.35, mlp_strength: float = 1.0,
+    mlp_peak: float = 0.5, mlp_width: float = 0.35, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
     max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,
@@ -268,8 +268,8 @@ def abliterate_and_publish(
 def run_without_publishing(
     model_id: str = "demo", repo_id: str = "", private: bool = False, method: str = "abliterate",
     mode: str = "preset", preset: str = "standard", edit_method: str = "standard", layer: str = "best",
-    attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 2.0, mlp_strength: float = 1.0,
-    mlp_peak: float = 0.5, mlp_width: float = 2.0, trials: int = 20, dpo_data: str = "demo-pairs",
+    attn_strength: float = 1.0, attn_peak: float = 0.5, attn_width: float = 0.35, mlp_strength: float = 1.0,
+    mlp_peak: float = 0.5, mlp_width: float = 0.35, trials: int = 20, dpo_data: str = "demo-pairs",
     dpo_steps: int = 16, learning_rate: float = 5e-4, lora_r: int = 16, beta: float = 0.1,
     steer_positive: str = "demo-answers", steer_negative: str = "demo-refusals", steer_k: float = 2.0,
     max_new_tokens: int = 64, extra_options: str = "", hf_token: str = "", job: dict | None = None,

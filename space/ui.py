@@ -66,11 +66,11 @@ def _abliterate_tab(c: dict) -> None:
         with gr.Row():
             c["attn_strength"] = gr.Slider(0, 2, value=1.0, step=0.05, label="Attention strength")
             c["attn_peak"] = gr.Slider(0, 1, value=0.5, step=0.05, label="Attention peak (depth)")
-            c["attn_width"] = gr.Slider(0.05, 5, value=2.0, step=0.05, label="Attention width")
+            c["attn_width"] = gr.Slider(0.05, 5, value=0.35, step=0.05, label="Attention width")
         with gr.Row():
             c["mlp_strength"] = gr.Slider(0, 2, value=1.0, step=0.05, label="MLP strength")
             c["mlp_peak"] = gr.Slider(0, 1, value=0.5, step=0.05, label="MLP peak (depth)")
-            c["mlp_width"] = gr.Slider(0.05, 5, value=2.0, step=0.05, label="MLP width")
+            c["mlp_width"] = gr.Slider(0.05, 5, value=0.35, step=0.05, label="MLP width")
     max_trials = limits.Limits.from_env().max_trials
     c["trials"] = gr.Slider(1, max_trials, value=min(20, max_trials), step=1, label="Trial budget (automatic search)",
                             visible=False)

@@ -80,8 +80,20 @@ def test_kernel_overrides_refine_the_preset():
     cfg = EditConfig(preset="conservative", attn={"peak": 0.2}, kernel="tent")
     assert cfg.attn.peak == 0.2 and cfg.attn.kind == "tent" and cfg.attn.max_weight == 1.0
     assert cfg.mlp.kind == "tent"
-    plan = strengths(EditConfig(mlp=ComponentKernel(kind="off")), 6)
-    assert plan["mlp"] == [0.0] * 6 and all(w > 0.9 for w in plan["attn"])
+    plan = strengths(EditConfig(mlp=ComponentKernel(kind="off")).placed(0.6), 6)
+    assert plan["mlp"] == [0.0] * 6 and plan["attn"][3] == pytest.approx(1.0)
+    assert plan["attn"][0] < plan["attn"][2] < plan["attn"][3] > plan["attn"][5]
+
+
+def test_kernels_are_centred_on_the_directions_layer_unless_placed_explicitly():
+    with pytest.raises(ValueError, match="no position yet"):
+        strengths(EditConfig(), 24)
+    plan = strengths(EditConfig().placed(18 / 23), 24)
+    for comp in ("attn", "mlp"):
+        assert max(range(24), key=plan[comp].__getitem__) == 18 and plan[comp][18] == pytest.approx(1.0)
+        assert plan[comp][0] < 0.2 < plan[comp][12]  # the first layers, far from the direction, are spared
+    tent = EditConfig(kernel="tent", mlp={"position": 0.25}).placed(0.75)
+    assert (tent.attn.position, tent.mlp.position, tent.attn.peak) == (0.75, 0.25, None)
 
 
 def _residual_after_layers(model, ids):
@@ -101,13 +113,13 @@ def test_in_memory_edit_makes_every_layer_output_orthogonal(model_type):
     model = tiny_model(model_type)
     r = _unit(hidden_size_of(model.config), 7)
     n = num_layers_of(model.config)
-    cfg = EditConfig(embed_strength=1.0, attn=ComponentKernel(width=5), mlp=ComponentKernel(width=5))
+    cfg = EditConfig(embed_strength=1.0, attn=ComponentKernel(width=5), mlp=ComponentKernel(width=5)).placed(0.5)
     assert all(abs(s - 1.0) < 0.01 for s in strengths(cfg, n)["attn"])
     exact = EditConfig(
         embed_strength=1.0,
         attn=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
         mlp=ComponentKernel(kind="tent", distance=1.0, min_weight=1.0),
-    )
+    ).placed(0.5)
     changed = apply_in_memory(model, r, exact, n, model_type_of(model.config))
     assert changed >= 1 + 2 * n
     ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -120,7 +132,7 @@ def test_streaming_equals_in_memory_and_keeps_untouched_bytes(tmp_path):
     assert len(weight_shards(src)) >= 3
     model = tiny_model("llama")
     r = _unit(hidden_size_of(model.config), 11)
-    cfg = EditConfig(method="norm-preserving", preset="conservative", embed_strength=0.5)
+    cfg = EditConfig(method="norm-preserving", preset="conservative", embed_strength=0.5).placed(0.4)
     n, mt = num_layers_of(model.config), model_type_of(model.config)
     apply_streaming(src, tmp_path / "dst", r, cfg, n, mt)
     apply_in_memory(model, r, cfg, n, mt)

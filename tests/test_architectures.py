@@ -232,7 +232,7 @@ def test_sizes_of_text_and_multimodal_configs():
 # Full strength on every layer and on the embedding: the edit then removes r from every writer exactly.
 FULL = EditConfig(method="standard", preset=None, kernel="tent", embed_strength=1.0,
                   attn={"max_weight": 1.0, "min_weight": 1.0, "distance": 1.0},
-                  mlp={"max_weight": 1.0, "min_weight": 1.0, "distance": 1.0})
+                  mlp={"max_weight": 1.0, "min_weight": 1.0, "distance": 1.0}).placed(0.5)
 
 
 def _random_biases(model, gen: torch.Generator) -> None:

@@ -40,7 +40,7 @@ def test_streaming_copies_only_config_tokenizer_and_generation_files(tmp_path):
     for name, text in source_files.items():
         (src / name).write_text(text)
     model = tiny_model("llama")
-    apply_streaming(src, tmp_path / "dst", _unit(hidden_size_of(model.config)), EditConfig(),
+    apply_streaming(src, tmp_path / "dst", _unit(hidden_size_of(model.config)), EditConfig().placed(0.5),
                     num_layers_of(model.config), model_type_of(model.config))
     copied = {p.name for p in (tmp_path / "dst").iterdir() if not p.name.endswith(".safetensors")}
     assert copied == {"config.json", "generation_config.json", "model.safetensors.index.json",
@@ -65,7 +65,7 @@ def test_in_memory_count_is_the_tensors_that_really_changed():
     writers = [m for m in find_writers(mt, dict(model.named_parameters())) if m.component in ("attn", "mlp")]
     _zero_one_writer(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    changed = apply_in_memory(model, _unit(hidden_size_of(model.config), 3), EditConfig(), n, mt)
+    changed = apply_in_memory(model, _unit(hidden_size_of(model.config), 3), EditConfig().placed(0.5), n, mt)
     really = sum(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert changed == really == len(writers) - 1
 
@@ -76,7 +76,7 @@ def test_streaming_count_is_the_tensors_that_really_changed(tmp_path):
     model.save_pretrained(tmp_path / "src")
     mt, n = model_type_of(model.config), num_layers_of(model.config)
     changed = apply_streaming(tmp_path / "src", tmp_path / "dst", _unit(hidden_size_of(model.config), 3),
-                              EditConfig(), n, mt)
+                              EditConfig().placed(0.5), n, mt)
     a, b = (load_file(str(tmp_path / side / "model.safetensors")) for side in ("src", "dst"))
     really = sum(not torch.equal(a[k], b[k]) for k in a)
     assert changed == really and torch.equal(a[zeroed], b[zeroed])
@@ -88,8 +88,8 @@ def test_offloaded_weights_are_refused_before_an_edit_that_would_change_nothing(
     model = tiny_model("llama")
     cpu_offload(model, execution_device=torch.device("cpu"))  # weights become meta placeholders + hooks
     with pytest.raises(UserError, match="--streaming") as err:
-        apply_in_memory(model, _unit(hidden_size_of(model.config)), EditConfig(), num_layers_of(model.config),
-                        model_type_of(model.config))
+        apply_in_memory(model, _unit(hidden_size_of(model.config)), EditConfig().placed(0.5),
+                        num_layers_of(model.config), model_type_of(model.config))
     assert "\n" not in str(err.value)
 
 
@@ -101,8 +101,8 @@ def test_quantized_weights_are_refused_in_memory():
     module.weight = torch.nn.Parameter(torch.zeros(module.weight.numel() // 2, 1, dtype=torch.uint8),
                                        requires_grad=False)
     with pytest.raises(UserError, match="quantized.*--streaming"):
-        apply_in_memory(model, _unit(hidden_size_of(model.config)), EditConfig(), num_layers_of(model.config),
-                        model_type_of(model.config))
+        apply_in_memory(model, _unit(hidden_size_of(model.config)), EditConfig().placed(0.5),
+                        num_layers_of(model.config), model_type_of(model.config))
 
 
 def test_load_in_4bit_without_streaming_is_refused_with_one_line(tmp_path, capsys):

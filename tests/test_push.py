@@ -55,9 +55,9 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pipeline.io.loading import LoadConfig, load_config
     from pipeline.io.output import write_recipe
 
-    plan = strength_plan(EditConfig(), num_layers_of(load_config(folder)))
+    plan = strength_plan(EditConfig().placed(0.5), num_layers_of(load_config(folder)))
     layer = {"spec": "best", "index": 1, "fraction": 0.5}
-    write_recipe(folder, recipe("demo", LoadConfig(), EditConfig(), layer, None, plan)
+    write_recipe(folder, recipe("demo", LoadConfig(), EditConfig().placed(0.5), layer, None, plan)
                  | {"command": "python -m pipeline abliterate demo --out out/tiny-abliterated"})
     (folder / "eval_results.json").write_text(json.dumps(SAMPLE_EVAL, indent=2))
     (folder / "strengths.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))

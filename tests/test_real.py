@@ -78,7 +78,7 @@ def test_edit_removes_the_direction_from_every_writer_of_real_weights(real):
     model = loaded.model
     hidden = model.config.get_text_config().hidden_size
     r = torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(3)), dim=0)
-    cfg, n, mtype = EditConfig(), num_layers_of(model.config), model_type_of(model.config)
+    cfg, n, mtype = EditConfig().placed(0.75), num_layers_of(model.config), model_type_of(model.config)
     plan = strengths(cfg, n)
     params = dict(model.named_parameters())
     matches = [m for m in find_writers(mtype, params) if m.component != "embed"]
@@ -116,7 +116,7 @@ def test_streaming_edit_equals_in_memory_edit(real, tmp_path):
     n, mtype = num_layers_of(model.config), model_type_of(model.config)
     hidden = model.config.get_text_config().hidden_size
     r = torch.nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(4)), dim=0)
-    cfg = EditConfig(method="norm-preserving")
+    cfg = EditConfig(method="norm-preserving").placed(0.75)
     streamed = apply_streaming(src, dst, r, cfg, n, mtype)
     saved = {name: w.detach().clone() for name, w in model.state_dict().items()}
     in_memory = apply_in_memory(model, r, cfg, n, mtype)

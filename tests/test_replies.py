@@ -105,8 +105,7 @@ def demo_variants(demo_loaded, demo_dirs, one_thread):
     from pipeline.edit.stages import chosen_direction
 
     model = demo_loaded.model
-    edit = EditConfig()
-    direction, _ = chosen_direction(dirs.load(demo_dirs), "best", edit)
+    direction, _, edit = chosen_direction(dirs.load(demo_dirs), "best", EditConfig())
     abliterated = copy.deepcopy(model)
     apply_in_memory(abliterated, direction, edit, num_layers_of(model.config), model_type_of(model.config))
     babbler = copy.deepcopy(model)

@@ -179,7 +179,7 @@ def test_first_trial_of_a_new_study_is_the_plain_edit(demo_d):
     cfg = SearchConfig(search_per_layer=True)
     params = se.from_edit(EditConfig(), demo_d, cfg)
     edit, spec = se.to_edit(params, EditConfig())
-    plan, default = strengths(edit, 6), strengths(EditConfig(), 6)
+    plan, default = strengths(edit, 6), strengths(EditConfig().placed(demo_d.suggested_layer / 5), 6)
     assert plan["attn"] == pytest.approx(default["attn"]) and plan["mlp"] == pytest.approx(default["mlp"])
     assert edit.method == "standard" and not edit.per_layer
     assert float(spec) == pytest.approx(demo_d.suggested_layer / 5, abs=0.005)

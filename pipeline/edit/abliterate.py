@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.edit.architectures import WriterMatch, find_writers
-from pipeline.edit.kernels import PRESETS, ComponentKernel, layer_weights
+from pipeline.edit.kernels import PRESETS, ComponentKernel, layer_weights, placed
 from pipeline.errors import UserError
 from pipeline.io.output import weight_shards
 
@@ -90,6 +90,11 @@ class EditConfig(BaseModel):
 
     def kernels(self) -> dict[str, ComponentKernel]:
         return {"attn": self.attn, "mlp": self.mlp}
+
+    def placed(self, fraction: float) -> EditConfig:
+        """This edit with its kernels centred on the direction's layer (``fraction`` of the depth) where
+        their position was left open."""
+        return self.model_copy(update={"attn": placed(self.attn, fraction), "mlp": placed(self.mlp, fraction)})
 
 
 def strengths(cfg: EditConfig, num_layers: int) -> dict:

@@ -218,7 +218,7 @@ def measure(
     progress=None, groups: dict[str, str] | None = None,
 ) -> Directions:
     """Measure, validate and choose refusal directions for every layer (`edit`: the edit the layer is
-    chosen for, by default the standard full-strength edit)."""
+    chosen for, by default the standard preset, centred on each candidate layer in turn)."""
     from pipeline.edit import selection
 
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
@@ -297,7 +297,7 @@ def choose_layer(
         return removal(d, str(layer), projected, cfg.set_directions and (edit is None or edit.per_set))[0]
 
     for layer in candidates:
-        with edits.applied(removed(layer)):
+        with edits.applied(removed(layer), layer):
             s = d.stats[layer]
             s.refusal_logprob = selection.refusal_logprob(model, tokenizer, harmful, refusals, size)
             s.kl_ablated = kl_divergence(base_lp, first_token_logprobs(model, tokenizer, harmless, size))
@@ -305,7 +305,7 @@ def choose_layer(
     ranked = sorted(candidates, key=lambda i: (d.stats[i].kl_ablated > cfg.max_kl, d.stats[i].refusal_logprob))
     finalists = ranked[: cfg.select_finalists]
     for layer in finalists:
-        with edits.applied(removed(layer)):
+        with edits.applied(removed(layer), layer):
             d.stats[layer].refusal_ablated = refusal_fraction(model, tokenizer, harmful, cfg)
         log.info("layer %d: refusal %.2f when ablated", layer, d.stats[layer].refusal_ablated)
 

@@ -23,16 +23,30 @@ class ComponentKernel(BaseModel):
     strength: float = Field(
         1.0, ge=0, le=2, description="gaussian: weight at the peak (1 removes the direction fully)."
     )
-    peak: float = Field(0.5, ge=0, le=1, description="gaussian: position of the peak, as a fraction of depth.")
+    peak: float | None = Field(
+        None, ge=0, le=1,
+        description="gaussian: position of the peak, as a fraction of depth (default: the direction's layer).")
     width: float = Field(0.5, gt=0, le=5, description="gaussian: standard deviation, as a fraction of depth.")
     max_weight: float = Field(1.0, ge=0, le=2, description="tent: weight at its position.")
-    position: float = Field(0.5, ge=0, le=1, description="tent: position of the maximum, as a fraction of depth.")
+    position: float | None = Field(
+        None, ge=0, le=1,
+        description="tent: position of the maximum, as a fraction of depth (default: the direction's layer).")
     min_weight: float = Field(0.0, ge=0, le=2, description="tent: weight at `distance` from the position.")
     distance: float = Field(0.5, gt=0, le=1, description="tent: reach on each side, as a fraction of depth; 0 beyond.")
 
 
+def placed(kernel: ComponentKernel, fraction: float) -> ComponentKernel:
+    """The kernel with an unset peak/position put at ``fraction`` of the depth (the direction's layer)."""
+    name = {"gaussian": "peak", "tent": "position"}.get(kernel.kind)
+    if name is None or getattr(kernel, name) is not None:
+        return kernel
+    return kernel.model_copy(update={name: round(fraction, 4)})
+
+
 def layer_weights(kernel: ComponentKernel, num_layers: int) -> list[float]:
-    """The edit strength of each layer."""
+    """The edit strength of each layer (the kernel must be placed: see `placed`)."""
+    if kernel.kind != "off" and (kernel.peak if kernel.kind == "gaussian" else kernel.position) is None:
+        raise ValueError("the kernel has no position yet: place it at the direction's layer first")
     weights = []
     for i in range(num_layers):
         x = i / max(1, num_layers - 1)
@@ -51,22 +65,24 @@ def layer_weights(kernel: ComponentKernel, num_layers: int) -> list[float]:
     return weights
 
 
-# `standard` is the paper's edit: (almost) full strength at every layer, which
-# is also what the layer choice tests by ablating the direction everywhere.
-# `conservative` concentrates a weaker edit in the middle of the stack, where
-# the refusal feature forms, and leaves the ends (fluency) alone;
-# `aggressive` over-shoots to remove stubborn refusals at some cost in KL.
+# Every preset is centred on the direction's own layer (the peak is placed there when the layer is
+# known). `standard` removes the direction fully there and fades with distance (sd 0.35 of the depth):
+# on Qwen2.5-Coder-0.5B this beat the paper's full strength at every layer on every count (refusal
+# 12.5% -> 7.8%, first-token KL 0.076 -> 0.058, perplexity +17% -> +4%), because editing the first
+# layers with a late layer's direction costs fluency and removes no refusal.
+# `conservative` is weaker and narrower; `aggressive` is the paper's edit everywhere, over-shot, for
+# stubborn refusals at some cost in KL.
 PRESETS: dict[str, dict[str, ComponentKernel]] = {
     "conservative": {
-        "attn": ComponentKernel(strength=0.8, peak=0.5, width=0.35),
-        "mlp": ComponentKernel(strength=0.8, peak=0.5, width=0.35),
+        "attn": ComponentKernel(strength=0.8, width=0.25),
+        "mlp": ComponentKernel(strength=0.8, width=0.25),
     },
     "standard": {
-        "attn": ComponentKernel(strength=1.0, peak=0.5, width=2.0),
-        "mlp": ComponentKernel(strength=1.0, peak=0.5, width=2.0),
+        "attn": ComponentKernel(strength=1.0, width=0.35),
+        "mlp": ComponentKernel(strength=1.0, width=0.35),
     },
     "aggressive": {
-        "attn": ComponentKernel(strength=1.25, peak=0.5, width=2.0),
-        "mlp": ComponentKernel(strength=1.25, peak=0.5, width=2.0),
+        "attn": ComponentKernel(strength=1.25, width=2.0),
+        "mlp": ComponentKernel(strength=1.25, width=2.0),
     },
 }

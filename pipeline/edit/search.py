@@ -143,9 +143,10 @@ def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[s
     params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
     if cfg.search_per_layer:
         params["directions"] = "per-layer" if edit.per_layer else "single"
+    fraction = d.suggested_layer / max(1, d.num_layers - 1)
     if not edit.per_layer:
-        fraction = d.suggested_layer / max(1, d.num_layers - 1)
         params["layer"] = round(min(LAYER_RANGE[1], max(LAYER_RANGE[0], fraction)), 2)
+    edit = edit.placed(fraction)
     params |= _kernel_params("attn", edit.attn, False) | _kernel_params("mlp", edit.mlp, cfg.allow_mlp_off)
     return params
 
@@ -226,7 +227,7 @@ class Workbench:
 
     def run(self, edit: EditConfig, spec: str, part: str = "trial") -> tuple[dict, dict]:
         """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info)."""
-        direction, layer = stages.chosen_direction(self.d, spec, edit)
+        direction, layer, edit = stages.chosen_direction(self.d, spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
             began = time.monotonic()
@@ -505,7 +506,7 @@ def _on_test(results: dict) -> dict[str, Any]:
 def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
           path: Path, default: Scored | None, say: Progress, study: Any) -> dict[str, Any]:
     edit, spec = to_edit(result.chosen.params, job.edit)
-    direction, layer = stages.chosen_direction(bench.d, spec, edit)
+    direction, layer, edit = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
     summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": path.name,  # name only: published
                "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()}}

@@ -190,13 +190,18 @@ def measure_directions(
     return d
 
 
-def chosen_direction(d: dirs.Directions, layer: str, edit: EditConfig) -> tuple[torch.Tensor, dict]:
-    """The direction(s) to remove: one vector, or one per layer with --per-layer."""
+def chosen_direction(d: dirs.Directions, layer: str, edit: EditConfig
+                     ) -> tuple[torch.Tensor, dict, EditConfig]:
+    """The direction(s) to remove (one vector, or one per layer with --per-layer), the layer info, and
+    the edit with its kernels centred on that layer (on the suggested layer with --per-layer)."""
     projected = edit.method == "projected"
     if edit.per_layer:
         table = d.projected if projected else d.directions
-        return table.clone(), {"spec": "per-layer"}
-    return dirs.removal(d, layer, projected=projected, per_set=edit.per_set)
+        direction, info = table.clone(), {"spec": "per-layer"}
+    else:
+        direction, info = dirs.removal(d, layer, projected=projected, per_set=edit.per_set)
+    fraction = info.get("fraction", d.suggested_layer / max(1, d.num_layers - 1))
+    return direction, info, edit.placed(fraction)
 
 
 def edit_and_save_in_memory(loaded: Loaded, direction: torch.Tensor, edit: EditConfig, folder: Path) -> int:

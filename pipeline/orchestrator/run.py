@@ -61,9 +61,9 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None, loaded: Loa
             check_editable_in_memory(loaded.model)
         say(progress, "measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, progress)
-    direction, layer_info = stages.chosen_direction(d, job.layer, job.edit)
+    direction, layer_info, edit = stages.chosen_direction(d, job.layer, job.edit)
     num_layers = d.num_layers
-    plan = stages.strength_plan(job.edit, num_layers)
+    plan = stages.strength_plan(edit, num_layers)
     say(progress, stages.describe_layer(layer_info, num_layers))
     selection = d.info.get("selection") or {}
     if selection.get("weak"):
@@ -78,14 +78,14 @@ def abliterate(job: AbliterateJob, progress: Progress | None = None, loaded: Loa
     with staged_folder(job.out, job.overwrite) as tmp:
         say(progress, "editing weights" + (" (streaming)" if job.streaming else ""))
         if job.streaming:
-            changed = stages.edit_streaming(job.model, job.load, direction, job.edit, tmp)
+            changed = stages.edit_streaming(job.model, job.load, direction, edit, tmp)
         else:
             loaded = loaded or load_model(job.model, job.load)
-            changed = stages.edit_and_save_in_memory(loaded, direction, job.edit, tmp)
+            changed = stages.edit_and_save_in_memory(loaded, direction, edit, tmp)
         dirs.save(d, tmp)
         stages.plot_strengths(plan, tmp / "strengths.png")
         source = loaded.source if loaded is not None else None
-        rec = write_recipe(tmp, stages.recipe(job.model, job.load, job.edit, layer_info, prompts, plan, d, source))
+        rec = write_recipe(tmp, stages.recipe(job.model, job.load, edit, layer_info, prompts, plan, d, source))
         results = None
         if job.evaluate:
             edited = None if job.streaming else loaded
