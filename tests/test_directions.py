@@ -91,9 +91,10 @@ def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_p
     assert kept["harmless"]["kept"] >= 0.9 * kept["harmless"]["of"]
     chosen = d.stats[d.suggested_layer]
     assert d.suggested_layer in d.info["selection"]["candidates"] == [2, 3, 4]
-    # Editing the chosen direction out of the weights removes (almost) all refusals, and no finalist that
-    # removes as many does so with less damage to the harmless next-token distributions.
-    assert chosen.refusal_ablated <= 0.1 and chosen.kl_ablated < 1.0
+    # Editing the chosen direction out of the weights removes (almost) all refusals (at most one of the 8
+    # held-out prompts is still refused), and no finalist that removes as many does so with less damage to
+    # the harmless next-token distributions.
+    assert chosen.refusal_ablated <= 1 / 8 and chosen.kl_ablated < 1.0
     finalists = [d.stats[i] for i in d.info["selection"]["finalists"]]
     assert all(s.kl_ablated >= chosen.kl_ablated for s in finalists if s.refusal_ablated <= chosen.refusal_ablated)
     assert d.info["selection"]["weak"] is False
