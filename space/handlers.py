@@ -83,7 +83,7 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
-    from pipeline.evaluation.evaluate import markdown_table
+    from pipeline.evaluation.report import markdown_table
 
     rate, kl = results.get("refusal_rate") or {}, results.get("kl_divergence")
 
