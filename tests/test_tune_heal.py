@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.stages import PromptsConfig
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.demo import DemoSpec, build_demo
@@ -29,8 +30,12 @@ EVAL = EvalConfig(max_new_tokens=24)
 def toy(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("toy")
     build_demo(TOY, root / "model")
+    # The edit on every layer at full strength (the paper's; `standard` before it was centred on the
+    # direction's layer): on this 6-layer toy the centred default leaves 32.5% refused, too weak a start
+    # for a healing test. Healing is what is tested here, not the edit's defaults.
+    every_layer = EditConfig(attn={"width": 2.0}, mlp={"width": 2.0})
     ablit = abliterate(AbliterateJob(model=str(root / "model"), out=root / "abliterated", prompts=PROMPTS,
-                                     eval=EVAL))
+                                     eval=EVAL, edit=every_layer))
     return {"root": root, "model": str(root / "model"), "abliterated": root / "abliterated", "eval": ablit["eval"]}
 
 
