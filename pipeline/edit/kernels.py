@@ -35,9 +35,12 @@ class ComponentKernel(BaseModel):
     distance: float = Field(0.5, gt=0, le=1, description="tent: reach on each side, as a fraction of depth; 0 beyond.")
 
 
+_POSITION = {"gaussian": "peak", "tent": "position"}  # the field that says where each shape sits
+
+
 def placed(kernel: ComponentKernel, fraction: float) -> ComponentKernel:
     """The kernel with an unset peak/position put at ``fraction`` of the depth (the direction's layer)."""
-    name = {"gaussian": "peak", "tent": "position"}.get(kernel.kind)
+    name = _POSITION.get(kernel.kind)
     if name is None or getattr(kernel, name) is not None:
         return kernel
     return kernel.model_copy(update={name: round(fraction, 4)})
@@ -45,7 +48,7 @@ def placed(kernel: ComponentKernel, fraction: float) -> ComponentKernel:
 
 def layer_weights(kernel: ComponentKernel, num_layers: int) -> list[float]:
     """The edit strength of each layer (the kernel must be placed: see `placed`)."""
-    if kernel.kind != "off" and (kernel.peak if kernel.kind == "gaussian" else kernel.position) is None:
+    if kernel.kind in _POSITION and getattr(kernel, _POSITION[kernel.kind]) is None:
         raise ValueError("the kernel has no position yet: place it at the direction's layer first")
     weights = []
     for i in range(num_layers):
@@ -67,8 +70,8 @@ def layer_weights(kernel: ComponentKernel, num_layers: int) -> list[float]:
 
 # Every preset is centred on the direction's own layer (the peak is placed there when the layer is
 # known). `standard` removes the direction fully there and fades with distance (sd 0.35 of the depth):
-# on Qwen2.5-Coder-0.5B this beat the paper's full strength at every layer on every count (refusal
-# 12.5% -> 7.8%, first-token KL 0.076 -> 0.058, perplexity +17% -> +4%), because editing the first
+# on Qwen2.5-Coder-0.5B this beat the paper's full strength at every layer (refusal 12.5% -> 9.4%,
+# first-token KL 0.076 -> 0.056, perplexity +17% -> +3.3%; bench/bench_real.py), because editing the first
 # layers with a late layer's direction costs fluency and removes no refusal.
 # `conservative` is weaker and narrower; `aggressive` is the paper's edit everywhere, over-shot, for
 # stubborn refusals at some cost in KL.
