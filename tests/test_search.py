@@ -118,8 +118,9 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     assert recipe["parameters"] == edit.model_dump(mode="json")
     assert recipe["layer"]["spec"] == spec
     assert recipe["strengths"] == json.loads(json.dumps(strengths(edit, 6)))
-    front = {t["number"] for t in report["pareto_front"]}
-    assert report["chosen_trial"] in front and "| trial |" in report["table"]
+    front, finalists = {t["number"] for t in report["pareto_front"]}, {t["number"] for t in report["finalists"]}
+    assert report["chosen_trial"] in finalists <= front | {0}  # the plain edit (trial 0) is always a finalist
+    assert "| trial |" in report["table"]
     edited = AutoModelForCausalLM.from_pretrained(out)
     assert edited.config.num_hidden_layers == 6
 
@@ -183,8 +184,27 @@ def test_first_trial_of_a_new_study_is_the_plain_edit(demo_d):
     assert plan["attn"] == pytest.approx(default["attn"]) and plan["mlp"] == pytest.approx(default["mlp"])
     assert edit.method == "standard" and not edit.per_layer
     assert float(spec) == pytest.approx(demo_d.suggested_layer / 5, abs=0.005)
-    per_layer, spec = se.to_edit(se.from_edit(EditConfig(per_layer=True), demo_d, cfg), EditConfig())
+    centre = demo_d.suggested_layer / 5
+    per_layer, spec = se.to_edit(se.from_edit(EditConfig(per_layer=True), demo_d, cfg), EditConfig(), centre)
     assert per_layer.per_layer and spec == "per-layer"
+    assert strengths(per_layer, 6)["attn"] == pytest.approx(default["attn"])
+
+
+def test_trial_kernels_sit_at_the_trials_layer_plus_their_shift():
+    params = {"method": "standard", "layer": 0.6,
+              "attn.kind": "gaussian", "attn.strength": 1.0, "attn.shift": -0.2, "attn.width": 0.2,
+              "mlp.kind": "tent", "mlp.max_weight": 1.2, "mlp.shift": 0.3, "mlp.min_weight": 0.0, "mlp.distance": 0.3}
+    edit, spec = se.to_edit(params, EditConfig())
+    assert spec == "0.60" and edit.attn.peak == pytest.approx(0.4) and edit.mlp.position == pytest.approx(0.9)
+    plan = strengths(edit, 11)  # layer i sits at i / 10 of the depth
+    assert max(range(11), key=lambda i: plan["attn"][i]) == 4 and max(range(11), key=lambda i: plan["mlp"][i]) == 9
+    edge, _ = se.to_edit(params | {"layer": 0.9}, EditConfig())
+    assert edge.mlp.position == 1.0  # clamped to the last layer
+    per_layer = {k: v for k, v in params.items() if k != "layer"} | {"directions": "per-layer"}
+    placed, spec = se.to_edit(per_layer, EditConfig(), centre=0.5)
+    assert spec == "per-layer" and placed.attn.peak == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="centre"):
+        se.to_edit(per_layer, EditConfig())
 
 
 def _s(number: int, refusal: float, kl: float) -> Scored:

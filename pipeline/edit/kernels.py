@@ -35,12 +35,12 @@ class ComponentKernel(BaseModel):
     distance: float = Field(0.5, gt=0, le=1, description="tent: reach on each side, as a fraction of depth; 0 beyond.")
 
 
-_POSITION = {"gaussian": "peak", "tent": "position"}  # the field that says where each shape sits
+POSITION_FIELD = {"gaussian": "peak", "tent": "position"}  # the field that says where each shape sits
 
 
 def placed(kernel: ComponentKernel, fraction: float) -> ComponentKernel:
     """The kernel with an unset peak/position put at ``fraction`` of the depth (the direction's layer)."""
-    name = _POSITION.get(kernel.kind)
+    name = POSITION_FIELD.get(kernel.kind)
     if name is None or getattr(kernel, name) is not None:
         return kernel
     return kernel.model_copy(update={name: round(fraction, 4)})
@@ -48,7 +48,7 @@ def placed(kernel: ComponentKernel, fraction: float) -> ComponentKernel:
 
 def layer_weights(kernel: ComponentKernel, num_layers: int) -> list[float]:
     """The edit strength of each layer (the kernel must be placed: see `placed`)."""
-    if kernel.kind in _POSITION and getattr(kernel, _POSITION[kernel.kind]) is None:
+    if kernel.kind in POSITION_FIELD and getattr(kernel, POSITION_FIELD[kernel.kind]) is None:
         raise ValueError("the kernel has no position yet: place it at the direction's layer first")
     weights = []
     for i in range(num_layers):

@@ -31,7 +31,7 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig, apply_in_memory
 from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
-from pipeline.edit.kernels import PRESETS, ComponentKernel
+from pipeline.edit.kernels import POSITION_FIELD, PRESETS, ComponentKernel, placed
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (
@@ -56,9 +56,13 @@ SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
 METHODS = ("standard", "projected", "norm-preserving")
 LAYER_RANGE = (0.3, 0.9)  # direction layer, as a fraction of depth (interpolated between layers)
 PARTS = ("trial", "confirm", "test")
-KERNEL_SPACE = {  # kind -> ComponentKernel field -> (low, high, log scale)
-    "gaussian": {"strength": (0.3, 1.5, False), "peak": (0.0, 1.0, False), "width": (0.1, 2.0, True)},
-    "tent": {"max_weight": (0.3, 1.5, False), "position": (0.0, 1.0, False), "min_weight": (0.0, 1.0, False),
+# kind -> search parameter -> (low, high, log scale). "shift" places the shape relative to the direction's
+# layer (peak/position = layer + shift): on Qwen2.5 a kernel centred there beat every placement in absolute
+# depth (bench/README.md), and an absolute range spends most trials on shapes that miss that layer.
+# Weights start at 0.5: below it no trial on the real model removed half the refusals.
+KERNEL_SPACE = {
+    "gaussian": {"strength": (0.5, 1.5, False), "shift": (-0.3, 0.3, False), "width": (0.1, 2.0, True)},
+    "tent": {"max_weight": (0.5, 1.5, False), "shift": (-0.3, 0.3, False), "min_weight": (0.0, 1.0, False),
              "distance": (0.1, 1.0, False)},
 }
 
@@ -120,22 +124,36 @@ def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
     return dict(trial.params)
 
 
-def to_edit(params: dict[str, Any], base: EditConfig) -> tuple[EditConfig, str]:
-    """The edit and layer spec of a trial's parameters (unsearched settings come from ``base``)."""
+def _kernel(comp: str, params: dict[str, Any], centre: float | None) -> ComponentKernel:
+    fields = {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")}
+    shift = fields.pop("shift", None)
+    if shift is not None:
+        if centre is None:
+            raise ValueError("a per-layer trial's kernel is placed relative to the suggested layer: pass centre")
+        fields[POSITION_FIELD[fields["kind"]]] = round(min(1.0, max(0.0, centre + shift)), 4)
+    return ComponentKernel(**fields)
+
+
+def to_edit(params: dict[str, Any], base: EditConfig, centre: float | None = None) -> tuple[EditConfig, str]:
+    """The edit and layer spec of a trial's parameters (unsearched settings come from ``base``). Kernels sit
+    at the trial's layer plus their shift; per-layer trials have no layer and use ``centre`` (the suggested
+    layer's fraction of depth)."""
     per_layer = params.get("directions", "per-layer" if base.per_layer else "single") == "per-layer"
-    kernels = {c: ComponentKernel(**{k[len(c) + 1:]: v for k, v in params.items() if k.startswith(c + ".")})
-               for c in ("attn", "mlp")}
+    centre = params.get("layer", centre)
+    kernels = {c: _kernel(c, params, centre) for c in ("attn", "mlp")}
     edit = EditConfig(method=params.get("method", base.method), preset=None, **kernels,
                       embed_strength=base.embed_strength, per_layer=per_layer, per_set=base.per_set)
     return edit, "per-layer" if per_layer else f"{params['layer']:.2f}"
 
 
-def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool) -> dict[str, Any]:
+def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool, centre: float) -> dict[str, Any]:
     if kernel.kind == "off" and not allow_off:
-        kernel = PRESETS["standard"][comp]
+        kernel = placed(PRESETS["standard"][comp], centre)
     out: dict[str, Any] = {f"{comp}.kind": kernel.kind}
-    return out | {f"{comp}.{name}": min(high, max(low, getattr(kernel, name)))
-                  for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items()}
+    for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items():
+        value = getattr(kernel, POSITION_FIELD[kernel.kind]) - centre if name == "shift" else getattr(kernel, name)
+        out[f"{comp}.{name}"] = min(high, max(low, value))
+    return out
 
 
 def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
@@ -146,9 +164,9 @@ def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[s
     fraction = d.suggested_layer / max(1, d.num_layers - 1)
     if not edit.per_layer:
         params["layer"] = round(min(LAYER_RANGE[1], max(LAYER_RANGE[0], fraction)), 2)
-    edit = edit.placed(fraction)
-    params |= _kernel_params("attn", edit.attn, False) | _kernel_params("mlp", edit.mlp, cfg.allow_mlp_off)
-    return params
+    centre, edit = params.get("layer", fraction), edit.placed(fraction)
+    return params | _kernel_params("attn", edit.attn, False, centre) | _kernel_params(
+        "mlp", edit.mlp, cfg.allow_mlp_off, centre)
 
 
 def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -203,6 +221,7 @@ class Workbench:
         self.base_rate = sum(refused[k] for k in seen) / sum(len(parts[k].harmful) for k in seen)
         config = self.model.config
         self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
+        self.centre = d.suggested_layer / max(1, d.num_layers - 1)  # where per-layer trials centre kernels
         params = dict(self.model.named_parameters())
         writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
         self.params = {m.name: params[m.name] for m in writers}
@@ -308,7 +327,7 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         trial = study.ask()
         try:
             params = space(trial, cfg, base)
-            results, layer = bench.run(*to_edit(params, base))
+            results, layer = bench.run(*to_edit(params, base, bench.centre))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -364,7 +383,7 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     m1, m2 = len(trial.harmless), len(more.harmless)
     out = []
     for t in finalists:
-        results, _ = bench.run(*to_edit(t.params, base), part="confirm")
+        results, _ = bench.run(*to_edit(t.params, base, bench.centre), part="confirm")
         refusal = (t.refusal * n1 + refusal_of(results) * n2) / (n1 + n2)
         kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
         out.append(Scored(t.number, refusal, kl, t.params, t.layer))
@@ -505,14 +524,15 @@ def _on_test(results: dict) -> dict[str, Any]:
 
 def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
           path: Path, default: Scored | None, say: Progress, study: Any) -> dict[str, Any]:
-    edit, spec = to_edit(result.chosen.params, job.edit)
+    edit, spec = to_edit(result.chosen.params, job.edit, bench.centre)
     direction, layer, edit = stages.chosen_direction(bench.d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
     summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": path.name,  # name only: published
                "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()}}
     if default is not None and default.number != result.chosen.number:
         say("evaluating the plain edit on the test prompts, for comparison")
-        summary["plain_edit_on_test"] = _on_test(bench.run(*to_edit(default.params, job.edit), part="test")[0])
+        plain = to_edit(default.params, job.edit, bench.centre)
+        summary["plain_edit_on_test"] = _on_test(bench.run(*plain, part="test")[0])
     sources = {k: {"source": getattr(prompts, k).source, "split": "eval (search test part)"}
                for k in ("harmful", "harmless")}
     with staged_folder(job.out, job.overwrite) as tmp, bench.restoring():

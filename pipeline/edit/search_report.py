@@ -19,7 +19,8 @@ _SHAPES = {"gaussian": ("gauss", "strength", "peak", "width"), "tent": ("tent", 
 
 
 def describe(params: dict[str, Any]) -> str:
-    """A short description of a trial's edit: method, direction, kernel per component (weight@position±reach)."""
+    """A short description of a trial's edit: method, direction, kernel per component (weight@position±reach,
+    the position as the direction's layer plus a shift)."""
     parts = [params["method"]] if "method" in params else []
     parts.append(f"layer {params['layer']:.2f}" if "layer" in params else "per-layer")
     for comp in ("attn", "mlp"):
@@ -28,9 +29,11 @@ def describe(params: dict[str, Any]) -> str:
             parts.append(f"{comp} off")
             continue
         label, *names = _SHAPES[kind]
-        w, at, reach = (params[f"{comp}.{n}"] for n in names)
+        w, reach = params[f"{comp}.{names[0]}"], params[f"{comp}.{names[2]}"]
+        shift = params.get(f"{comp}.shift")  # relative to the direction's layer; older studies: absolute
+        at = f"layer{shift:+.2f}" if shift is not None else f"{params[f'{comp}.{names[1]}']:.2f}"
         floor = f">{params[f'{comp}.min_weight']:.2f}" if kind == "tent" else ""
-        parts.append(f"{comp} {label} {w:.2f}@{at:.2f}±{reach:.2f}{floor}")
+        parts.append(f"{comp} {label} {w:.2f}@{at}±{reach:.2f}{floor}")
     return ", ".join(parts)
 
 
