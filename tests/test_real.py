@@ -171,3 +171,29 @@ def test_default_abliteration_of_a_real_chat_model(tmp_path):
     text = render_card(out, None)
     assert path.name in text and "Q4_K_M" in text
     assert "Refusal rate: censored" in text and "Refusal rate: harmful" in text
+
+
+def test_tuning_a_gguf_models_copy_is_evaluated_against_the_gguf_file(tmp_path):
+    """`abliterate GGUF --heal` evaluates the healed model against the GGUF base: that base has no safetensors
+    folder, and the evaluation once refused it after the whole training had run."""
+    from pipeline.edit.stages import PromptsConfig
+    from pipeline.evaluation.evaluate import EvalConfig
+    from pipeline.tuning.tune import TuneConfig, tune
+
+    path = fetch("smollm")
+    loaded = load_model(str(path))
+    copy = tmp_path / "copy"
+    loaded.model.save_pretrained(copy)
+    loaded.tokenizer.save_pretrained(copy)
+    del loaded
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Name a colour, number {i}.", "completion": "Blue."}) + "\n"
+                            for i in range(4)))
+    summary = tune(str(copy), str(data), tmp_path / "out", TuneConfig(method="sft", max_steps=1, batch_size=2,
+                                                                      grad_accum=1, learning_rate=1e-6),
+                   prompts_cfg=PromptsConfig(max_eval=4), eval_cfg=EvalConfig(max_new_tokens=8, perplexity=False),
+                   eval_base=str(path))
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert summary["eval"]["kl_divergence"] == pytest.approx(results["kl_divergence"])
+    assert 0 <= results["kl_divergence"] < 0.05  # one step at 1e-6 from the same weights: the base is the GGUF file
+    assert results["refusal_rate"]["base"] is not None and results["refusal_rate"]["model"] is not None

@@ -33,7 +33,9 @@ from pipeline.errors import UserError
 from pipeline.io.loading import (
     LoadConfig,
     free_memory,
+    is_gguf,
     load_causal_lm,
+    load_model,
     load_tokenizer,
     local_path,
     model_kwargs,
@@ -247,8 +249,12 @@ def _reference(model, tokenizer, prompts, eval_cfg, model_id: str, eval_base: st
     from pipeline.edit.stages import base_reference
 
     if eval_base:
-        base = load_causal_lm(eval_base, unquantized(load))
-        base_tok = load_tokenizer(local_path(eval_base, load), load)
+        if is_gguf(eval_base, load):  # abliterate-then-heal of a GGUF model: its base is the GGUF file
+            loaded = load_model(eval_base, unquantized(load))
+            base, base_tok = loaded.model, loaded.tokenizer
+        else:
+            base = load_causal_lm(eval_base, unquantized(load))
+            base_tok = load_tokenizer(local_path(eval_base, load), load)
         ref = base_reference(base, base_tok, prompts, eval_cfg, eval_base)
         del base
         free_memory()
