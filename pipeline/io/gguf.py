@@ -54,22 +54,18 @@ def gguf_file(model_id: str, cfg: LoadConfig) -> Path:
 
 def describe(path: Path) -> dict[str, Any]:
     """What the recipe and card say about a GGUF source: file name, architecture, quantization type."""
+    import struct
+
     import gguf
+    from transformers.integrations.gguf import read_gguf_metadata
 
+    # transformers' header reader skips the vocabulary arrays: 0.03 s on Qwen2.5's 151k tokens, where
+    # gguf.GGUFReader parses them all (7 s).
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+        metadata, _ = read_gguf_metadata(str(path))
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise UserError(f"'{path.name}' is not a readable GGUF file ({str(exc).splitlines()[0][:120]})") from exc
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        value = f.parts[f.data[0]]
-        return bytes(value).decode("utf-8", "replace") if f.types and f.types[0] == gguf.GGUFValueType.STRING \
-            else int(value[0])
-
-    file_type = field("general.file_type")
+    file_type = metadata.get("general.file_type")
     try:
         quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
     except ValueError:
@@ -78,7 +74,7 @@ def describe(path: Path) -> dict[str, Any]:
         "format": "gguf",
         "file": path.name,
         "quantization": quant,
-        "architecture": field("general.architecture"),
+        "architecture": metadata.get("general.architecture"),
         "size": path.stat().st_size,
     }
 
@@ -122,7 +118,8 @@ def load_gguf(model_id: str, cfg: LoadConfig) -> Loaded:
     kwargs: dict[str, Any] = {"dtype": dtype, "quantization_config": GgufConfig(dequantize=True)}
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    # The parsed config is passed on: from_pretrained would parse the GGUF file's metadata again.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, **kwargs)
     _dense_only(model)
     model.eval()
     if not cfg.device_map and torch.cuda.is_available():
