@@ -73,6 +73,7 @@ def trial_overhead(journal: Path) -> dict:
 def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
                from_default: bool = True) -> dict:
     from pipeline.edit import search as se
+    from pipeline.edit.search_space import suggest
     from pipeline.orchestrator.run import AbliterateJob
 
     start = time.perf_counter()
@@ -81,8 +82,9 @@ def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: s
         print(f"[{name} {time.perf_counter() - start:7.1f}s] {line.splitlines()[0][:170]}", flush=True)
 
     job = AbliterateJob(model=model, out=work / name)
-    cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default)
-    summary = se.search(job, cfg, progress, loaded, d, space or se.suggest)["search"]
+    cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default,
+                          neighbours=from_default)
+    summary = se.search(job, cfg, progress, loaded, d, space or suggest)["search"]
     return {"seconds": round(time.perf_counter() - start, 1), "summary": summary,
             **trial_overhead(work / f"{name}.journal")}
 

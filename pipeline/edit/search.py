@@ -31,8 +31,8 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig, apply_in_memory
 from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
-from pipeline.edit.kernels import POSITION_FIELD, PRESETS, ComponentKernel, placed
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
+from pipeline.edit.search_space import from_edit, neighbours, suggest, to_edit
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (
     EvalConfig,
@@ -53,18 +53,7 @@ if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
 log = logging.getLogger(__name__)
 STUDY_NAME = "abliterate"
 SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
-METHODS = ("standard", "projected", "norm-preserving")
-LAYER_RANGE = (0.3, 0.9)  # direction layer, as a fraction of depth (interpolated between layers)
 PARTS = ("trial", "confirm", "test")
-# kind -> search parameter -> (low, high, log scale). "shift" places the shape relative to the direction's
-# layer (peak/position = layer + shift): on Qwen2.5 a kernel centred there beat every placement in absolute
-# depth (bench/README.md), and an absolute range spends most trials on shapes that miss that layer.
-# Weights start at 0.5: below it no trial on the real model removed half the refusals.
-KERNEL_SPACE = {
-    "gaussian": {"strength": (0.5, 1.5, False), "shift": (-0.3, 0.3, False), "width": (0.1, 2.0, True)},
-    "tent": {"max_weight": (0.5, 1.5, False), "shift": (-0.3, 0.3, False), "min_weight": (0.0, 1.0, False),
-             "distance": (0.1, 1.0, False)},
-}
 
 
 class SearchConfig(BaseModel):
@@ -90,6 +79,10 @@ class SearchConfig(BaseModel):
     test_fraction: float = Field(
         0.5, gt=0, lt=1, description="Share of the evaluation prompts held out as the final test: no trial sees "
         "them; eval_results.json and the card report them.")
+    neighbours: bool = Field(
+        True, description="After the plain edit, try its near variants (each other method, a weaker and a narrower "
+        "kernel) before sampling: the plain edit is strong on real models, and random start-up trials rarely land "
+        "near it.")
     finalists: int = Field(
         4, ge=1, description="Best Pareto trials re-scored on the confirm part before choosing (the plain edit "
         "is always re-scored too).")
@@ -102,71 +95,6 @@ class Scored:  # one completed trial
     kl: float
     params: dict[str, Any]
     layer: dict[str, Any]  # the layer info of the direction (resolve_layer's dict)
-
-
-def _suggest_kernel(trial: Any, comp: str, allow_off: bool) -> None:
-    kind = trial.suggest_categorical(f"{comp}.kind", [*KERNEL_SPACE, "off"] if allow_off else [*KERNEL_SPACE])
-    for name, (low, high, log_scale) in KERNEL_SPACE.get(kind, {}).items():
-        trial.suggest_float(f"{comp}.{name}", low, high, log=log_scale)
-
-
-def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
-    """Sample one point of the search space into ``trial``; returns its parameters."""
-    if cfg.search_method:
-        trial.suggest_categorical("method", list(METHODS))
-    single = not base.per_layer
-    if cfg.search_per_layer:
-        single = trial.suggest_categorical("directions", ["single", "per-layer"]) == "single"
-    if single:
-        trial.suggest_float("layer", *LAYER_RANGE, step=0.01)
-    _suggest_kernel(trial, "attn", False)
-    _suggest_kernel(trial, "mlp", cfg.allow_mlp_off)
-    return dict(trial.params)
-
-
-def _kernel(comp: str, params: dict[str, Any], centre: float | None) -> ComponentKernel:
-    fields = {k[len(comp) + 1:]: v for k, v in params.items() if k.startswith(comp + ".")}
-    shift = fields.pop("shift", None)
-    if shift is not None:
-        if centre is None:
-            raise ValueError("a per-layer trial's kernel is placed relative to the suggested layer: pass centre")
-        fields[POSITION_FIELD[fields["kind"]]] = round(min(1.0, max(0.0, centre + shift)), 4)
-    return ComponentKernel(**fields)
-
-
-def to_edit(params: dict[str, Any], base: EditConfig, centre: float | None = None) -> tuple[EditConfig, str]:
-    """The edit and layer spec of a trial's parameters (unsearched settings come from ``base``). Kernels sit
-    at the trial's layer plus their shift; per-layer trials have no layer and use ``centre`` (the suggested
-    layer's fraction of depth)."""
-    per_layer = params.get("directions", "per-layer" if base.per_layer else "single") == "per-layer"
-    centre = params.get("layer", centre)
-    kernels = {c: _kernel(c, params, centre) for c in ("attn", "mlp")}
-    edit = EditConfig(method=params.get("method", base.method), preset=None, **kernels,
-                      embed_strength=base.embed_strength, per_layer=per_layer, per_set=base.per_set)
-    return edit, "per-layer" if per_layer else f"{params['layer']:.2f}"
-
-
-def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool, centre: float) -> dict[str, Any]:
-    if kernel.kind == "off" and not allow_off:
-        kernel = placed(PRESETS["standard"][comp], centre)
-    out: dict[str, Any] = {f"{comp}.kind": kernel.kind}
-    for name, (low, high, _) in KERNEL_SPACE.get(kernel.kind, {}).items():
-        value = getattr(kernel, POSITION_FIELD[kernel.kind]) - centre if name == "shift" else getattr(kernel, name)
-        out[f"{comp}.{name}"] = min(high, max(low, value))
-    return out
-
-
-def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
-    """Search-space parameters of a plain edit at the suggested layer (the first trial of a new study)."""
-    params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
-    if cfg.search_per_layer:
-        params["directions"] = "per-layer" if edit.per_layer else "single"
-    fraction = d.suggested_layer / max(1, d.num_layers - 1)
-    if not edit.per_layer:
-        params["layer"] = round(min(LAYER_RANGE[1], max(LAYER_RANGE[0], fraction)), 2)
-    centre, edit = params.get("layer", fraction), edit.placed(fraction)
-    return params | _kernel_params("attn", edit.attn, False, centre) | _kernel_params(
-        "mlp", edit.mlp, cfg.allow_mlp_off, centre)
 
 
 def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -499,7 +427,10 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
         if cfg.start_from_default and not study.trials:
-            study.enqueue_trial(from_edit(job.edit, bench.d, cfg), user_attrs={"default": True})
+            plain = from_edit(job.edit, bench.d, cfg)
+            study.enqueue_trial(plain, user_attrs={"default": True})
+            for variant in (neighbours(plain, cfg) if cfg.neighbours else [])[:cfg.trials - 1]:  # none left waiting
+                study.enqueue_trial(variant, user_attrs={"neighbour": True})
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
             f"base refusal rate {bench.base_rates['trial']:.1%} on the trial part")
         run_trials(study, bench, cfg, job.edit, say, space)
