@@ -99,6 +99,35 @@ def test_measurement_on_demo_finds_a_valid_behavioural_layer(demo_loaded, demo_p
     assert all(s.kl_ablated >= chosen.kl_ablated for s in finalists if s.refusal_ablated <= chosen.refusal_ablated)
     assert d.info["selection"]["weak"] is False
     assert chosen.accuracy >= 0.85 and chosen.separation >= 2  # and the direction separates held-out prompts
+    # The preset's kernels, three times wider, were tried at the chosen layer and kept only if they removed
+    # more refusals (a 5-point step), or as many with less damage, within the KL cap.
+    sel, wider = d.info["selection"], d.info["selection"]["wider"]
+    assert wider["breadth"] == cfg.select_breadth and 0 <= wider["refusal"] <= 1 and wider["kl"] > 0
+    ours = (round(wider["refusal"] * 20), wider["kl"])
+    wins = wider["kl"] <= cfg.max_kl and ours < (round(chosen.refusal_ablated * 20), chosen.kl_ablated)
+    assert sel["breadth"] == (cfg.select_breadth if wins else 1.0)
+    assert sel["refusal_ablated"] == (wider["refusal"] if wins else chosen.refusal_ablated)
+
+
+def test_the_default_edit_is_as_wide_as_the_layer_choice_found_best():
+    from pipeline.edit import stages
+    from pipeline.edit.abliterate import EditConfig
+
+    d = _fake(num_layers=6)
+    d.info["selection"] = {"breadth": 3.0}
+    plain = EditConfig()
+    wide = stages.default_edit(d, "best", plain)
+    assert wide.attn.width == pytest.approx(3 * plain.attn.width)
+    assert wide.mlp.width == pytest.approx(3 * plain.mlp.width)
+    _, _, placed = stages.chosen_direction(d, "best", plain)
+    assert placed.attn.width == pytest.approx(1.05) and placed.attn.peak == pytest.approx(0.4)
+    # Never twice, never at a layer the choice did not test, never over kernels the user gave.
+    assert stages.default_edit(d, "best", wide) == wide
+    assert stages.default_edit(d, "0.5", plain) == plain
+    narrow = EditConfig(attn={"width": 0.2})
+    assert stages.default_edit(d, "best", narrow) == narrow
+    d.info["selection"] = {"breadth": 1.0}
+    assert stages.default_edit(d, "best", plain) == plain
 
 
 def test_removal_spans_the_directions_of_every_prompt_set(tmp_path):

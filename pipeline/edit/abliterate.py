@@ -91,6 +91,18 @@ class EditConfig(BaseModel):
     def kernels(self) -> dict[str, ComponentKernel]:
         return {"attn": self.attn, "mlp": self.mlp}
 
+    def widened(self, factor: float) -> EditConfig:
+        """This edit with both kernels ``factor`` times wider (gaussian width, tent distance; clamped to
+        their ranges). `choose_layer` tests it on shallow models, whose refusal spans more of the depth."""
+        def wider(k: ComponentKernel) -> ComponentKernel:
+            return k.model_copy(update={"width": min(5.0, k.width * factor), "distance": min(1.0, k.distance * factor)})
+
+        return self.model_copy(update={"attn": wider(self.attn), "mlp": wider(self.mlp)})
+
+    def is_preset(self) -> bool:
+        """Whether the kernels are exactly the preset's (no --attn-*/--mlp-*/--kernel given)."""
+        return self.preset is not None and self.kernels() == PRESETS[self.preset]
+
     def placed(self, fraction: float) -> EditConfig:
         """This edit with its kernels centred on the direction's layer (``fraction`` of the depth) where
         their position was left open."""

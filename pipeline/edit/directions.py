@@ -76,6 +76,12 @@ class DirectionsConfig(BaseModel):
         "topics) when there are enough, else with the harmless prompts."
     )
     min_answered: int = Field(4, ge=1, description="Answered prompts a set needs for the answered contrast.")
+    select_breadth: float = Field(
+        3.0, ge=1, description="Also test the chosen layer with the preset's kernels this many times wider (1: "
+        "never), and keep the wider edit when it removes more refusals (in steps of 5 points): on shallow models "
+        "refusal spans more of the depth than the preset's width reaches. Explicit --attn-*/--mlp-* kernels are "
+        "never widened."
+    )
     min_removal: float = Field(
         0.5, ge=0, le=1, description="Warn (and flag the recipe) when the chosen layer removes less than this share "
         "of the refusals on the selection prompts."
@@ -309,22 +315,45 @@ def choose_layer(
             d.stats[layer].refusal_ablated = refusal_fraction(model, tokenizer, harmful, cfg)
         log.info("layer %d: refusal %.2f when ablated", layer, d.stats[layer].refusal_ablated)
 
-    def key(i: int) -> tuple:
-        s = d.stats[i]
-        # Refusal first (in steps of 5 points, so noise does not win), then damage.
-        return (s.kl_ablated > cfg.max_kl, round(s.refusal_ablated * 20), s.kl_ablated)
+    def removal_of(refused: float) -> float:
+        return 0.0 if base_rate == 0 else (base_rate - refused) / base_rate
 
-    chosen = min(finalists, key=key)
-    after = d.stats[chosen].refusal_ablated
+    def key(refused: float, kl: float) -> tuple:
+        # Removing most refusals first (a weak edit does nothing a user wants), then the KL cap, then refusal
+        # in steps of 5 points (so noise does not win), then damage.
+        return (removal_of(refused) < cfg.min_removal, kl > cfg.max_kl, round(refused * 20), kl)
+
+    chosen = min(finalists, key=lambda i: key(d.stats[i].refusal_ablated, d.stats[i].kl_ablated))
+    after, breadth = d.stats[chosen].refusal_ablated, 1.0
+    plain = edit or EditConfig()
+    if cfg.select_breadth > 1 and plain.is_preset():
+        wide = plain.widened(cfg.select_breadth)
+        with edits.applied(removed(chosen), chosen, wide):
+            wide_refusal = refusal_fraction(model, tokenizer, harmful, cfg)
+            wide_kl = kl_divergence(base_lp, first_token_logprobs(model, tokenizer, harmless, size))
+        log.info("layer %d, kernels %.1fx wider: refusal %.2f kl %.4f", chosen, cfg.select_breadth, wide_refusal,
+                 wide_kl)
+        if key(wide_refusal, wide_kl) < key(after, d.stats[chosen].kl_ablated):
+            after, breadth = wide_refusal, cfg.select_breadth
+    _record_choice(d, cfg, chosen, candidates, finalists, len(harmful), base_rate, after, breadth)
+    if cfg.select_breadth > 1 and plain.is_preset():
+        d.info["selection"]["wider"] = {"breadth": cfg.select_breadth, "refusal": wide_refusal, "kl": wide_kl}
+    return chosen
+
+
+def _record_choice(d: Directions, cfg: DirectionsConfig, chosen: int, candidates: list[int], finalists: list[int],
+                   prompts: int, base_rate: float, after: float, breadth: float) -> None:
+    """The choice in `directions.json`, and a warning when it removes too little to be worth writing."""
     removed_share = 0.0 if base_rate == 0 else (base_rate - after) / base_rate
     weak = removed_share < cfg.min_removal
     d.info["selection"] = {
         "rule": "behaviour",
         "candidates": candidates,
         "finalists": finalists,
-        "prompts": len(harmful),
+        "prompts": prompts,
         "base_refusal": base_rate,
         "refusal_ablated": after,
+        "breadth": breadth,
         "removal": removed_share,
         "weak": weak,
     }
@@ -332,9 +361,8 @@ def choose_layer(
         log.warning(
             "no candidate layer removes most refusals: the best (layer %d) leaves %.0f%% of %d selection prompts "
             "refused (base %.0f%%); the edit will do little: try other --harmful prompts or --auto",
-            chosen, 100 * after, len(harmful), 100 * base_rate,
+            chosen, 100 * after, prompts, 100 * base_rate,
         )
-    return chosen
 
 
 def refusal_fraction(model, tokenizer, prompts: Sequence[str], cfg: DirectionsConfig) -> float:

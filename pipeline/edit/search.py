@@ -427,7 +427,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
         if cfg.start_from_default and not study.trials:
-            plain = from_edit(job.edit, bench.d, cfg)
+            plain = from_edit(stages.default_edit(bench.d, "best", job.edit), bench.d, cfg)
             study.enqueue_trial(plain, user_attrs={"default": True})
             for variant in (neighbours(plain, cfg) if cfg.neighbours else [])[:cfg.trials - 1]:  # none left waiting
                 study.enqueue_trial(variant, user_attrs={"neighbour": True})

@@ -150,11 +150,12 @@ class WeightEdits:
         self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
 
     @contextmanager
-    def applied(self, direction: torch.Tensor, layer: int) -> Iterator[None]:
-        """The edit of ``direction`` taken at ``layer``, its kernels centred there as the written edit's are."""
+    def applied(self, direction: torch.Tensor, layer: int, edit: Any = None) -> Iterator[None]:
+        """The edit of ``direction`` taken at ``layer``, its kernels centred there as the written edit's are
+        (``edit`` replaces this object's edit for once; it must touch no more tensors)."""
         from pipeline.edit.abliterate import apply_in_memory
 
-        edit = self.edit.placed(layer / max(1, self.num_layers - 1))
+        edit = (edit or self.edit).placed(layer / max(1, self.num_layers - 1))
         try:
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
             yield

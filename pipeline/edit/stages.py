@@ -190,10 +190,20 @@ def measure_directions(
     return d
 
 
+def default_edit(d: dirs.Directions, layer: str, edit: EditConfig) -> EditConfig:
+    """``edit`` with the breadth the layer choice found best (`DirectionsConfig.select_breadth`), when its
+    kernels are the preset's and the layer is the chosen one; otherwise ``edit`` itself."""
+    breadth = d.info.get("selection", {}).get("breadth", 1.0)
+    wanted = breadth > 1 and str(layer) == "best" and not edit.per_layer and edit.is_preset()
+    return edit.widened(breadth) if wanted else edit
+
+
 def chosen_direction(d: dirs.Directions, layer: str, edit: EditConfig
                      ) -> tuple[torch.Tensor, dict, EditConfig]:
     """The direction(s) to remove (one vector, or one per layer with --per-layer), the layer info, and
-    the edit with its kernels centred on that layer (on the suggested layer with --per-layer)."""
+    the edit with its kernels centred on that layer (on the suggested layer with --per-layer) and as
+    broad as the layer choice found best (`default_edit`)."""
+    edit = default_edit(d, layer, edit)
     projected = edit.method == "projected"
     if edit.per_layer:
         table = d.projected if projected else d.directions
