@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_search.py
 	$(BIN)/python bench/bench_tune.py
 	$(BIN)/python bench/bench_real.py
+	$(BIN)/python bench/bench_heal.py
 
 clean:
 	rm -rf out tests/_output bench/results

@@ -70,10 +70,11 @@ def test_small_budget_reaches_target_on_held_out_prompts(searched):
     summary = second["search"]
     assert summary["prompts"] == {"trial": {"harmful": 20, "harmless": 20}, "confirm": {"harmful": 20, "harmless": 20},
                                   "test": {"harmful": 40, "harmless": 40}}
-    # The plain edit (trial 0) was re-scored with the best Pareto trials, and compared on the test part.
+    # The plain edit (trial 0) was re-scored with the best Pareto trials and its lowest-KL peers, and compared
+    # on the test part.
     finalists = {t["number"]: t for t in summary["finalists"]}
     assert 0 in finalists and summary["chosen_trial"] in finalists
-    assert 1 < len(finalists) <= SearchConfig().finalists + 1
+    assert 1 < len(finalists) <= 2 * SearchConfig().finalists + 1
     plain, chosen = summary["plain_edit_on_test"], summary["chosen_on_test"]
     assert chosen["refusal"] == results["refusal_rate"]["model"]
     # On the prompts it chose on, the choice refuses at most one prompt more than the plain edit, at no higher KL.
@@ -122,7 +123,9 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     assert recipe["layer"]["spec"] == spec
     assert recipe["strengths"] == json.loads(json.dumps(strengths(edit, 6)))
     front, finalists = {t["number"] for t in report["pareto_front"]}, {t["number"] for t in report["finalists"]}
-    assert report["chosen_trial"] in finalists <= front | {0}  # the plain edit (trial 0) is always a finalist
+    plain = next(t for t in report["trials_all"] if t["number"] == 0)
+    peers = {t["number"] for t in report["trials_all"] if t["refusal"] <= plain["refusal"]}  # trial 0 among them
+    assert report["chosen_trial"] in finalists <= front | peers and 0 in finalists
     assert "| trial |" in report["table"]
     edited = AutoModelForCausalLM.from_pretrained(out)
     assert edited.config.num_hidden_layers == 6
@@ -280,6 +283,19 @@ def test_choice_rule_and_pareto_front():
     assert [t.number for t in se.rank(trials, 0.1)] == [2, 0, 1, 3, 4]
     with pytest.raises(UserError, match="none of the 2 trials lowered"):
         choose([_s(0, 1.0, 0.0), _s(1, 1.0, 0.1)], base_rate=1.0, target=0.1)
+
+
+def test_finalists_include_the_plain_edits_lowest_kl_peers():
+    # Trial-part scores as on Qwen2.5 (16 prompts): at the plain edit's count, trial 3's lower KL hides
+    # trials 1 and 4 from the front, though the count is too small to tell them apart.
+    plain = _s(0, 0.062, 0.043)
+    trials = [plain, _s(1, 0.062, 0.040), _s(2, 0.062, 0.042), _s(3, 0.062, 0.033), _s(4, 0.062, 0.037),
+              _s(5, 0.125, 0.020), _s(6, 0.25, 0.016), _s(7, 0.5, 0.002)]
+    front = [trials[i] for i in (3, 5, 6, 7)]
+    picks = se.finalists_of(front, trials, plain, limit=0.066, n=2)
+    assert [t.number for t in picks] == [3, 5, 4, 1, 0]  # two of the front, two peers, then the plain edit
+    assert [t.number for t in se.finalists_of(front, trials, None, limit=0.066, n=2)] == [3, 5]
+    assert len({t.number for t in se.finalists_of(front, trials, plain, 0.066, n=8)}) == len(trials)
 
 
 @pytest.mark.parametrize("trials", [0, -1])

@@ -15,7 +15,7 @@ import torch
 from pipeline.cli.main import main
 from pipeline.cli.tune import add_parsers
 from pipeline.io.output import sha256_file
-from pipeline.tuning.tune import TuneConfig, heal, quiet_renames, tune
+from pipeline.tuning.tune import HEAL, TuneConfig, heal, quiet_renames, tune
 from tests.test_pairs import abliterated_demo, demo_pairs_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +158,26 @@ def test_heal_with_given_pairs_records_both_stages(tmp_path):
     assert sft["data"]["examples"] == recipe["data"]["examples"]
 
 
+def test_distillation_heals_with_the_pairs_it_makes(tmp_path):
+    from safetensors.torch import load_file
+
+    from pipeline.errors import UserError
+
+    cfg = HEAL.model_copy(update={"max_steps": 2, "batch_size": 2, "grad_accum": 1, "max_length": 64})
+    with pytest.raises(UserError, match="drop --data"):
+        heal(abliterated_demo(), "demo", tmp_path / "given", cfg, data=str(demo_pairs_file()), evaluate=False)
+    summary = heal(abliterated_demo(), "demo", tmp_path / "healed", cfg, evaluate=False, max_new_tokens=16)
+    recipe = summary["recipe"]
+    assert recipe["kind"] == "distill" and recipe["parameters"]["loss"] == "forward_kl"
+    assert recipe["heal_pairs"]["refusal_pairs"] > 0 and recipe["heal_pairs"]["harmless_pairs"] > 0
+    assert (tmp_path / "healed" / "heal_pairs.jsonl").is_file() and not list(tmp_path.glob(".*"))
+    # Two steps moved the merged weights away from the abliterated ones (LoRA's B starts at zero).
+    before = load_file(str(abliterated_demo() / "model.safetensors"))
+    after = load_file(str(tmp_path / "healed" / "model.safetensors"))
+    moved = [k for k in before if k.endswith("q_proj.weight") and not torch.equal(before[k], after[k])]
+    assert len(moved) == 6
+
+
 def test_add_parsers_registers_the_commands():
     import argparse
 
@@ -181,6 +201,7 @@ def test_add_parsers_registers_the_commands():
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--method", "sft", "--loss", "hinge"],
          "not a sft loss"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--beta", "0"], "--beta"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--method", "distill"], "abliterate --heal"),
         ('{"prompt": "a", "completion": "b"}\n', [], "missing column 'chosen'"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--max-examples", "0"], "--max-examples"),
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', ["--harmful", "no_such_file.txt"], "not found"),

@@ -33,8 +33,9 @@ def _abliterate_parser(sub) -> None:
     p.add_argument("--auto", action="store_true", help="Search the edit parameters (Optuna) and save the chosen trial.")
     p.add_argument(
         "--heal", action="store_true",
-        help="Then heal the abliterated model: a short LoRA fine-tune on its own answers to harmful prompts and "
-        "the base's answers to harmless ones, which lowers the KL divergence (abliterate-then-heal).",
+        help="Then heal the abliterated model: a short LoRA distillation that matches the base's token "
+        "distributions on harmless prompts and keeps its own on harmful ones, which lowers the KL divergence "
+        "(abliterate-then-heal).",
     )
     from pipeline.edit.search import SearchConfig
 

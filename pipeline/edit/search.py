@@ -84,8 +84,8 @@ class SearchConfig(BaseModel):
         "kernel) before sampling: the plain edit is strong on real models, and random start-up trials rarely land "
         "near it.")
     finalists: int = Field(
-        4, ge=1, description="Best Pareto trials re-scored on the confirm part before choosing (the plain edit "
-        "is always re-scored too).")
+        4, ge=1, description="Best Pareto trials re-scored on the confirm part before choosing; as many of the "
+        "lowest-KL trials refusing no more than the plain edit, and the plain edit itself, are re-scored too.")
 
 
 @dataclass(frozen=True)
@@ -304,6 +304,19 @@ def rank(trials: list[Scored], limit: float) -> list[Scored]:
                                          t.kl, t.number))
 
 
+def finalists_of(front: list[Scored], trials: list[Scored], default: Scored | None, limit: float,
+                 n: int) -> list[Scored]:
+    """The trials to re-score: the best ``n`` of the Pareto front, the ``n`` lowest-KL trials refusing no more
+    than the plain edit (its peers: on a few prompts one of them can be hidden behind a front member that
+    refused one prompt less by chance), and the plain edit itself."""
+    picks = rank(front, limit)[:n]
+    if default is not None:
+        peers = sorted((t for t in trials if t.refusal <= default.refusal + 1e-9 and t.number != default.number),
+                       key=lambda t: (t.kl, t.number))
+        picks += [t for t in peers if t not in picks][:n] + ([default] if default not in picks else [])
+    return picks
+
+
 def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Progress) -> list[Scored]:
     """Re-score each finalist on the trial and confirm parts together (the prompt-weighted mean)."""
     trial, more = bench.parts["trial"], bench.parts["confirm"]
@@ -436,8 +449,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         run_trials(study, bench, cfg, job.edit, say, space)
         trials = completed(study)
         front, default = pareto_front(study), default_trial(study, trials)
-        picks = rank(front, cfg.target * bench.base_rates["trial"])[:cfg.finalists]
-        picks += [default] if default is not None and default not in picks else []
+        picks = finalists_of(front, trials, default, cfg.target * bench.base_rates["trial"], cfg.finalists)
         finalists = confirm(bench, picks, job.edit, say)
         default = next((t for t in finalists if default is not None and t.number == default.number), None)
         seen = len(bench.parts["trial"].harmful) + len(bench.parts["confirm"].harmful)

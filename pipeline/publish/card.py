@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CARDS_DIR = PACKAGE_DIR.parent / "cards"
-TEMPLATES = {"abliterated": "abliterated.md.j2", "dpo": "tuned.md.j2", "sft": "tuned.md.j2", "steered": "steered.md.j2"}
+TEMPLATES = {"abliterated": "abliterated.md.j2", "dpo": "tuned.md.j2", "sft": "tuned.md.j2", "distill": "tuned.md.j2",
+             "steered": "steered.md.j2"}
 CHARTS = ("strengths.png", "directions.png")
 BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 TASK_NAMES = {"harmful": "Refusals on harmful prompts", "harmless": "Drift from the base model on harmless prompts",
@@ -42,6 +43,7 @@ METHOD_LABELS = {
     "norm-preserving": "norm-preserving abliteration",
     "dpo": "Direct Preference Optimization (DPO) through a LoRA adapter",
     "sft": "supervised fine-tuning (SFT) through a LoRA adapter",
+    "distill": "distillation of the base model's token distributions through a LoRA adapter",
     "steer": "contrastive weight steering",
 }
 
@@ -191,7 +193,7 @@ def _tags(recipe: dict[str, Any]) -> list[str]:
     kind, method = recipe.get("kind"), str(recipe.get("method") or "")
     if kind == "abliterated":
         return ["abliterated", "uncensored", f"{method}-abliteration" if method else "abliteration"]
-    if kind in ("dpo", "sft"):
+    if kind in ("dpo", "sft", "distill"):
         return ["uncensored", kind, "lora"]
     return ["uncensored", "weight-steering", "contrastive-weight-steering"]
 

@@ -9,8 +9,8 @@ DeepSpeed, FSDP): every process trains, the main process writes the output.
     python -m pipeline.tune MODEL --data SPEC --out DIR [...]      # same as `python -m pipeline tune`
     accelerate launch --config_file configs/accelerate/ddp.yaml -m pipeline.tune MODEL --data SPEC --out DIR
 
-`heal` is abliterate-then-DPO (the NeuralDaredevil recipe): pairs from the base (refusals)
-and the abliterated model (answers), then DPO on the abliterated model.
+`heal` is abliterate-then-tune (after the NeuralDaredevil recipe): pairs from the base and the
+abliterated model, then (by default) distillation on the abliterated model (`pipeline.tuning.distill`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class TuneConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["dpo", "sft"] = Field("dpo", description="dpo: preference pairs; sft: prompt/completion data.")
+    method: Literal["dpo", "sft", "distill"] = Field(
+        "dpo", description="dpo: preference pairs; sft: prompt/completion data; distill (healing only): match the "
+        "base's next-token distributions on harmless prompts, keep the model's own on harmful ones.")
     loss: Literal[DPO_LOSSES + SFT_LOSSES] | None = Field(
         None, description="Loss: for dpo sigmoid, hinge, ipo, ... (TRL's loss_type); for sft nll or dft. "
         "Default: sigmoid for dpo, nll for sft.")
@@ -88,14 +90,14 @@ class TuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _loss_matches_method(self) -> TuneConfig:
-        allowed = DPO_LOSSES if self.method == "dpo" else SFT_LOSSES
+        allowed = {"dpo": DPO_LOSSES, "sft": SFT_LOSSES, "distill": ()}[self.method]
         if self.loss is not None and self.loss not in allowed:
             raise ValueError(f"--loss {self.loss} is not a {self.method} loss: use one of {', '.join(allowed)}")
         return self
 
     @property
     def effective_loss(self) -> str:
-        return self.loss or ("sigmoid" if self.method == "dpo" else "nll")
+        return self.loss or {"dpo": "sigmoid", "sft": "nll", "distill": "forward_kl"}[self.method]
 
     def lora(self):
         from peft import LoraConfig
@@ -144,6 +146,11 @@ def trainer_args(cfg: TuneConfig, output_dir: Path):
     )
     if cfg.method == "dpo":
         return DPOConfig(**common, beta=cfg.beta, loss_type=[cfg.effective_loss])
+    if cfg.method == "distill":  # GKD off-policy (lmbda 0) with beta 0: KL(teacher || student) per token
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+            from trl.experimental.gkd import GKDConfig
+        return GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0)
     return SFTConfig(**common, loss_type=cfg.effective_loss)
 
 
@@ -168,6 +175,13 @@ def _step_reporter(progress: Progress | None):
     return StepReporter()
 
 
+def set_steps(args: Any, cfg: TuneConfig, examples: int) -> None:
+    """Optimizer steps from --epochs (scaled with the data, never below --min-steps) unless --max-steps."""
+    if cfg.max_steps is None:
+        per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
+        args.max_steps = max(cfg.min_steps, math.ceil(cfg.epochs * examples / per_step))
+
+
 def train_adapter(
     model_id: str, data: TrainingData, cfg: TuneConfig, work: Path, load: LoadConfig = LoadConfig(),
     progress: Progress | None = None,
@@ -188,10 +202,7 @@ def train_adapter(
     path = local_path(model_id, load)
     tokenizer = load_tokenizer(path, load)
     dataset = to_dataset(data, tokenizer, cfg.method)
-    if cfg.max_steps is None:
-        per_step = cfg.batch_size * cfg.grad_accum * max(1, args.world_size)
-        epoch_steps = math.ceil(cfg.epochs * len(dataset) / per_step)
-        args.max_steps = max(cfg.min_steps, epoch_steps)  # steps scale with the pairs, never below the floor
+    set_steps(args, cfg, len(dataset))
     kwargs = model_kwargs(load)
     if args.distributed_state.distributed_type != "NO":
         kwargs.pop("device_map", None)  # the trainer places each process's copy
@@ -318,6 +329,8 @@ def tune(
     """Train and write one tuned model; returns a summary on the main process, None on the others."""
     out = Path(out)
     check_target(out, overwrite)
+    if cfg.method == "distill":
+        raise UserError("--method distill heals an abliterated model against its base: use abliterate --heal")
     if isinstance(data, str):
         data = load_training_data(data, cfg.method, split=data_split, limit=max_examples)
     if evaluate:
@@ -334,7 +347,9 @@ def tune(
         shutil.rmtree(work, ignore_errors=True)
 
 
-HEAL = TuneConfig(method="sft", learning_rate=4e-4)  # measured on a toy it was not tuned on: docs/tuning.md
+# Measured on Qwen2.5-Coder-0.5B and on a toy it was not tuned on (pipeline/tuning/distill.py, docs/tuning.md):
+# 87 heal pairs make 11 steps of 8, so the floor of 20 steps is about two passes.
+HEAL = TuneConfig(method="distill", learning_rate=1e-4, grad_accum=2, min_steps=20)
 
 
 def heal(
@@ -346,9 +361,9 @@ def heal(
 
     Without ``data``, the pairs come from the measurement prompts (`pipeline.tuning.pairs.heal_pairs`): on
     harmful ones the abliterated answer is chosen over the base's refusal, on harmless ones the base's
-    answer over the abliterated model's where they differ. SFT (the default) trains on the chosen side:
-    self-distillation that pulls the harmless behaviour back to the base without bringing refusals back;
-    DPO trains on the pairs (on small models it moved the KL the wrong way: see docs/tuning.md). The pairs
+    answer over the abliterated model's where they differ. Distillation (the default) matches the base's
+    token distributions on the harmless ones and the abliterated model's own on the harmful ones; SFT trains
+    on the chosen side, DPO on the pairs (both moved the KL the wrong way on Qwen2.5: docs/tuning.md). The pairs
     are kept in ``OUT/heal_pairs.jsonl``; the abliteration recipe (with its evaluation, when it was
     evaluated) is kept under ``abliteration``.
     """
@@ -358,6 +373,9 @@ def heal(
 
     out, abliterated = Path(out), str(abliterated)
     check_target(out, overwrite)
+    if cfg.method == "distill" and data is not None:
+        raise UserError("distillation heals with the pairs it makes from the base and the abliterated model: drop "
+                        "--data, or heal with --method sft or dpo")
     prompts_cfg = prompts_cfg or PromptsConfig()
     pairs_info = None
     if data is None:
@@ -378,12 +396,42 @@ def heal(
         "heal_pairs": pairs_info,
     }
     try:
-        training = load_training_data(data if cfg.method == "dpo" else f"{data}:chosen", cfg.method)
+        training = load_training_data(data if cfg.method == "dpo" else f"{data}:chosen", "dpo" if cfg.method == "dpo"
+                                      else "sft")
         if pairs_info is not None:  # generated here: name the copy kept in the output folder
             training = dataclasses.replace(training, source="heal_pairs.jsonl")
         files = {"heal_pairs.jsonl": Path(data)} if pairs_info is not None else None
+        if cfg.method == "distill":
+            own = rows[: stats["refusal_pairs"]], rows[stats["refusal_pairs"]:]
+            return _distill(abliterated, base_model, out, cfg, own, training, load, prompts_cfg, eval_cfg,
+                            evaluate, overwrite, extra, files, progress)
         return tune(abliterated, training, out, cfg, load, prompts_cfg, eval_cfg, evaluate, base_model, overwrite,
                     recipe_extra=extra, extra_files=files, progress=progress)
     finally:
         if pairs_info is not None:
             Path(data).unlink(missing_ok=True)
+
+
+def _distill(
+    abliterated: str, base_model: str, out: Path, cfg: TuneConfig, rows: tuple[list, list], training: TrainingData,
+    load: LoadConfig, prompts_cfg: PromptsConfig, eval_cfg, evaluate: bool, overwrite: bool, extra: dict,
+    files: dict[str, Path] | None, progress: Progress | None,
+) -> dict:
+    """Heal by distillation (`pipeline.tuning.distill`): ``rows`` are (refusal pairs, harmless pairs)."""
+    from pipeline.tuning.distill import distill_dataset, train_distilled
+
+    if evaluate:
+        check_eval_inputs(base_model, prompts_cfg, eval_cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.train-", dir=out.parent))
+    try:
+        args = trainer_args(cfg, work / "trainer")
+        dataset = distill_dataset(rows[0] + rows[1], len(rows[0]))
+        set_steps(args, cfg, len(dataset))
+        with quiet_renames():
+            adapter = train_distilled(abliterated, base_model, dataset, args, cfg.lora(), work / ADAPTER_DIR, load,
+                                      [_step_reporter(progress)], progress)
+        return write_tuned(abliterated, adapter, out, cfg, training, load, prompts_cfg, eval_cfg, evaluate,
+                           base_model, overwrite, extra, files, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
