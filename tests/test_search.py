@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from pipeline.edit import directions as dirs
 from pipeline.edit import search as se
 from pipeline.edit import search_space as space
+from pipeline.edit import search_workbench
 from pipeline.edit.abliterate import EditConfig, strengths
 from pipeline.edit.search import Scored, SearchConfig, choose, pareto_front, search
 from pipeline.errors import UserError
@@ -115,7 +116,8 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     recipe = json.loads((out / "recipe.json").read_text())
     report = json.loads((out / "search.json").read_text())
     assert recipe["search"]["chosen_trial"] == report["chosen_trial"] == first["search"]["chosen_trial"]
-    assert recipe["search"]["trials"] == TRIALS and len(report["trials_all"]) == TRIALS
+    twins = {int(k): v for k, v in report["twins"].items()}  # stronger twins of finalists (`calibrate`)
+    assert recipe["search"]["trials"] == TRIALS + len(twins) == len(report["trials_all"])
     assert recipe["kind"] == "abliterated" and recipe["method"] in space.METHODS
     chosen = next(t for t in report["trials_all"] if t["number"] == report["chosen_trial"])
     edit, spec = space.to_edit(chosen["params"], EditConfig())
@@ -125,7 +127,11 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     front, finalists = {t["number"] for t in report["pareto_front"]}, {t["number"] for t in report["finalists"]}
     plain = next(t for t in report["trials_all"] if t["number"] == 0)
     peers = {t["number"] for t in report["trials_all"] if t["refusal"] <= plain["refusal"]}  # trial 0 among them
-    assert report["chosen_trial"] in finalists <= front | peers and 0 in finalists
+    assert report["chosen_trial"] in finalists <= front | peers | set(twins) and 0 in finalists
+    assert set(twins.values()) <= finalists
+    rescored = {t["number"]: t for t in report["finalists"]}
+    for number in twins:  # raised a little past the plain edit's strength
+        assert rescored[number]["likelihood"] < rescored[0]["likelihood"]
     assert "| trial |" in report["table"]
     edited = AutoModelForCausalLM.from_pretrained(out)
     assert edited.config.num_hidden_layers == 6
@@ -176,7 +182,7 @@ def test_workbench_restores_weights_even_when_evaluation_fails(demo_loaded, demo
                                before["model.layers.2.self_attn.o_proj.weight"])  # the edit is in place
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(se, "evaluate", boom)
+    monkeypatch.setattr(search_workbench, "evaluate", boom)
     with pytest.raises(RuntimeError, match="boom"):
         bench.run(EditConfig(), "0.4")
     _assert_same_weights(demo_loaded.model, before)
@@ -285,17 +291,42 @@ def test_choice_rule_and_pareto_front():
         choose([_s(0, 1.0, 0.0), _s(1, 1.0, 0.1)], base_rate=1.0, target=0.1)
 
 
-def test_finalists_include_the_plain_edits_lowest_kl_peers():
-    # Trial-part scores as on Qwen2.5 (16 prompts): at the plain edit's count, trial 3's lower KL hides
-    # trials 1 and 4 from the front, though the count is too small to tell them apart.
-    plain = _s(0, 0.062, 0.043)
-    trials = [plain, _s(1, 0.062, 0.040), _s(2, 0.062, 0.042), _s(3, 0.062, 0.033), _s(4, 0.062, 0.037),
-              _s(5, 0.125, 0.020), _s(6, 0.25, 0.016), _s(7, 0.5, 0.002)]
-    front = [trials[i] for i in (3, 5, 6, 7)]
-    picks = se.finalists_of(front, trials, plain, limit=0.066, n=2)
-    assert [t.number for t in picks] == [3, 5, 4, 1, 0]  # two of the front, two peers, then the plain edit
-    assert [t.number for t in se.finalists_of(front, trials, None, limit=0.066, n=2)] == [3, 5]
-    assert len({t.number for t in se.finalists_of(front, trials, plain, 0.066, n=8)}) == len(trials)
+def test_scaling_a_trial_raises_its_peak_weights_within_the_space(demo_d):
+    plain = space.from_edit(EditConfig(), demo_d, SearchConfig())
+    assert space.strength_cap(plain) == pytest.approx(1.5)  # peak weights 1.0, the space's ceiling 1.5
+    twin = space.scaled(plain, 1.2)
+    assert {k for k in plain if twin[k] != plain[k]} == {"attn.strength", "mlp.strength"}
+    assert twin["attn.strength"] == pytest.approx(1.2) and space.strength_cap(twin) == pytest.approx(1.25)
+    tent = {"attn.kind": "tent", "attn.max_weight": 0.75, "attn.min_weight": 0.5, "mlp.kind": "off"}
+    assert space.scaled(tent, 2.0) == tent | {"attn.max_weight": 1.5}
+    assert space.strength_cap(tent) == pytest.approx(2.0)
+
+
+def test_a_weaker_edit_is_raised_to_the_plain_edits_strength(demo_loaded, demo_prompts, demo_d, one_thread):
+    split = se.split_parts(demo_prompts.harmful.evaluate, demo_prompts.harmless.evaluate,
+                           demo_prompts.eval_groups(), 0.5)
+    cfg = FAST.model_copy(update={"perplexity": False})
+    parts = {k: se.Part(hf, hl, gr, reference(demo_loaded.model, demo_loaded.tokenizer, hf, hl, cfg))
+             for k, (hf, hl, gr) in split.items()}
+    bench = se.Workbench(demo_loaded, demo_d, parts, cfg)
+    before = _snapshot(demo_loaded.model)
+    plain = space.from_edit(stages_default(demo_d), demo_d, SearchConfig())
+    target, plain_kl = bench.probe(*space.to_edit(plain, EditConfig(), bench.centre))
+    weak = space.scaled(plain, 0.7)
+    weak_likelihood, weak_kl = bench.probe(*space.to_edit(weak, EditConfig(), bench.centre))
+    assert weak_likelihood > target and weak_kl < plain_kl  # weaker, and cheaper for it
+    factor, kl = se.strengthen(bench, weak, EditConfig(), target)
+    likelihood, probed_kl = bench.probe(*space.to_edit(space.scaled(weak, factor), EditConfig(), bench.centre))
+    assert likelihood <= target and kl == pytest.approx(probed_kl)
+    assert 0.9 <= 0.7 * factor <= 1.15  # back near the plain edit's weights, from which it was scaled
+    assert se.strengthen(bench, plain, EditConfig(), target) is None  # already as strong
+    _assert_same_weights(demo_loaded.model, before)
+
+
+def stages_default(d):
+    from pipeline.edit.stages import default_edit
+
+    return default_edit(d, "best", EditConfig())
 
 
 @pytest.mark.parametrize("trials", [0, -1])

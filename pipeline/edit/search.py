@@ -7,9 +7,12 @@ file (re-running continues it).
 
 The evaluation prompts are split three ways, so the numbers reported are not the ones the choice was made on:
 trials are scored on the *trial* part; the best few Pareto trials and the plain edit (trial 0) are re-scored
-on the *confirm* part too (twice the prompts, so noise on a handful cannot pick the winner); the chosen one
-(lowest KL with refusal <= target × base rate and never above the plain edit's, else lowest refusal) is
-saved like a plain abliteration and evaluated, beside the plain edit, on the *test* part that no trial saw.
+on the *confirm* part too (twice the prompts, so noise on a handful cannot pick the winner). A finalist with a
+lower KL than the plain edit is first tried again a little stronger than the plain edit (`calibrate`: its weights
+raised until its refusal likelihood is below the plain edit's), since most such finalists are merely weaker.
+The chosen one (lowest KL with refusal <= target × base rate, never above the plain edit's nor weaker than it,
+else lowest refusal) is saved like a plain abliteration and evaluated, beside the plain edit, on the *test*
+part that no trial saw.
 """
 
 from __future__ import annotations
@@ -18,31 +21,23 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.edit import directions as dirs
 from pipeline.edit import stages
-from pipeline.edit.abliterate import EditConfig, apply_in_memory
-from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.edit.abliterate import EditConfig
+from pipeline.edit.search_choice import Scored, choose, finalists_of, rank
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
-from pipeline.edit.search_space import from_edit, neighbours, suggest, to_edit
+from pipeline.edit.search_space import from_edit, neighbours, scaled, strength_cap, suggest, to_edit
+from pipeline.edit.search_workbench import Part, Workbench, split_parts
 from pipeline.errors import UserError
-from pipeline.evaluation.evaluate import (
-    EvalConfig,
-    classify,
-    evaluate,
-    is_refusal,
-    markers_for,
-    reference,
-    require_base_refusals,
-)
+from pipeline.evaluation.evaluate import EvalConfig, reference
 from pipeline.io.loading import Loaded, load_model
 from pipeline.io.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.progress import Progress
@@ -86,101 +81,13 @@ class SearchConfig(BaseModel):
     finalists: int = Field(
         4, ge=1, description="Best Pareto trials re-scored on the confirm part before choosing; as many of the "
         "lowest-KL trials refusing no more than the plain edit, and the plain edit itself, are re-scored too.")
-
-
-@dataclass(frozen=True)
-class Scored:  # one completed trial
-    number: int
-    refusal: float
-    kl: float
-    params: dict[str, Any]
-    layer: dict[str, Any]  # the layer info of the direction (resolve_layer's dict)
-
-
-def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
-    """(kept, held out) indices of ``n`` prompts: every 1/fraction-th is held out, so each of several
-    concatenated prompt sets gives its share to both sides."""
-    held = [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
-    return [i for i in range(n) if i not in set(held)], held
-
-
-@dataclass(frozen=True)
-class Part:  # one share of the evaluation prompts, with the base model's side measured once
-    harmful: tuple[str, ...]
-    harmless: tuple[str, ...]
-    groups: tuple[str, ...]  # the prompt set of each harmful prompt, for refusal rates per set
-    ref: Any  # BaseReference
-
-
-def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequence[str],
-                test_fraction: float) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
-    """trial / confirm / test prompts: the test part holds ``test_fraction``, the rest is halved."""
-    def take(items: Sequence[str], idx: list[int]) -> tuple[str, ...]:
-        return tuple(items[i] for i in idx)
-
-    hf_rest, hf_test = held_out(len(harmful), test_fraction)
-    hl_rest, hl_test = held_out(len(harmless), test_fraction)
-    hf_trial, hf_confirm = (take(hf_rest, x) for x in held_out(len(hf_rest), 0.5))
-    hl_trial, hl_confirm = (take(hl_rest, x) for x in held_out(len(hl_rest), 0.5))
-    parts = {"trial": (take(harmful, hf_trial), take(harmless, hl_trial), take(groups, hf_trial)),
-             "confirm": (take(harmful, hf_confirm), take(harmless, hl_confirm), take(groups, hf_confirm)),
-             "test": (take(harmful, hf_test), take(harmless, hl_test), take(groups, hf_test))}
-    if any(not p[0] or not p[1] for p in parts.values()):
-        raise UserError(f"the search splits the evaluation prompts into trial, confirm and test parts, and "
-                        f"{len(harmful)} harmful / {len(harmless)} harmless are too few: give more prompts "
-                        "(--max-eval, --eval-fraction) or change --test-fraction")
-    return parts
-
-
-class Workbench:
-    """The loaded model with the base side of each prompt part; edits are applied in place and reverted exactly."""
-
-    def __init__(self, loaded: Loaded, d: dirs.Directions, parts: dict[str, Part], eval_cfg: EvalConfig,
-                 embed: bool = False) -> None:
-        self.model, self.tokenizer, self.d, self.parts = loaded.model, loaded.tokenizer, d, parts
-        self.loaded = loaded
-        self.eval_cfg = eval_cfg
-        self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
-        self.markers = markers_for(eval_cfg)
-        require_base_refusals(parts["trial"].ref, self.markers)
-        refused = {k: sum(is_refusal(classify(r, self.markers)) for r in p.ref.responses) for k, p in parts.items()}
-        self.base_rates = {k: refused[k] / len(p.harmful) for k, p in parts.items()}
-        seen = ("trial", "confirm")
-        self.base_rate = sum(refused[k] for k in seen) / sum(len(parts[k].harmful) for k in seen)
-        config = self.model.config
-        self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
-        self.centre = d.suggested_layer / max(1, d.num_layers - 1)  # where per-layer trials centre kernels
-        params = dict(self.model.named_parameters())
-        writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
-        self.params = {m.name: params[m.name] for m in writers}
-        self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
-        self.eval_seconds = 0.0
-
-    @contextmanager
-    def restoring(self) -> Iterator[None]:
-        """Whatever happens to the writers inside, they hold the base weights (bit for bit) afterwards."""
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.data.copy_(self.saved[name])
-
-    def evaluate(self, part: str, **kwargs: Any) -> dict:
-        p = self.parts[part]
-        cfg = self.eval_cfg if part == "test" else self.trial_cfg
-        return evaluate(self.model, self.tokenizer, p.harmful, p.harmless, cfg, base=p.ref, markers=self.markers,
-                        groups=p.groups, **kwargs)
-
-    def run(self, edit: EditConfig, spec: str, part: str = "trial") -> tuple[dict, dict]:
-        """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info)."""
-        direction, layer, edit = stages.chosen_direction(self.d, spec, edit)
-        with self.restoring():
-            apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
-            began = time.monotonic()
-            results = self.evaluate(part)
-            self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
-        return results, layer
+    twins: bool = Field(
+        True, description="Also re-score each finalist of lower KL than the plain edit with its weights raised until "
+        "it is a little stronger than the plain edit by refusal likelihood (a new trial each): a lower KL is most "
+        "often a weaker edit.")
+    twin_margin: float = Field(
+        0.05, ge=0, le=1, description="How much stronger than the plain edit a twin is made: this share of the way "
+        "the plain edit moved the refusal likelihood down from the base model's.")
 
 
 @contextmanager
@@ -298,25 +205,6 @@ def default_trial(study: Any, trials: list[Scored]) -> Scored | None:
     return next((t for t in trials if t.number in marked), None)
 
 
-def rank(trials: list[Scored], limit: float) -> list[Scored]:
-    """Best first: trials at or below the refusal limit by KL, then the others by refusal (ties by KL)."""
-    return sorted(trials, key=lambda t: (t.refusal > limit + 1e-9, t.kl if t.refusal <= limit + 1e-9 else t.refusal,
-                                         t.kl, t.number))
-
-
-def finalists_of(front: list[Scored], trials: list[Scored], default: Scored | None, limit: float,
-                 n: int) -> list[Scored]:
-    """The trials to re-score: the best ``n`` of the Pareto front, the ``n`` lowest-KL trials refusing no more
-    than the plain edit (its peers: on a few prompts one of them can be hidden behind a front member that
-    refused one prompt less by chance), and the plain edit itself."""
-    picks = rank(front, limit)[:n]
-    if default is not None:
-        peers = sorted((t for t in trials if t.refusal <= default.refusal + 1e-9 and t.number != default.number),
-                       key=lambda t: (t.kl, t.number))
-        picks += [t for t in peers if t not in picks][:n] + ([default] if default not in picks else [])
-    return picks
-
-
 def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Progress) -> list[Scored]:
     """Re-score each finalist on the trial and confirm parts together (the prompt-weighted mean)."""
     trial, more = bench.parts["trial"], bench.parts["confirm"]
@@ -324,47 +212,71 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     m1, m2 = len(trial.harmless), len(more.harmless)
     out = []
     for t in finalists:
-        results, _ = bench.run(*to_edit(t.params, base, bench.centre), part="confirm")
+        results, _ = bench.run(*to_edit(t.params, base, bench.centre), part="confirm", likelihood=True)
         refusal = (t.refusal * n1 + refusal_of(results) * n2) / (n1 + n2)
         kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
-        out.append(Scored(t.number, refusal, kl, t.params, t.layer))
+        likelihood = results["refusal_likelihood"]
+        out.append(t.rescored(refusal, kl, likelihood))
+        shown = "n/a" if likelihood is None else f"{likelihood:.4f}"
         say(f"confirming trial {t.number} on {n1 + n2} prompts: refusal {t.refusal:.1%} -> {refusal:.1%}, "
-            f"KL {t.kl:.4f} -> {kl:.4f}")
+            f"KL {t.kl:.4f} -> {kl:.4f}, refusal likelihood {shown}")
     return out
+
+
+def strengthen(bench: Workbench, params: dict[str, Any], base: EditConfig, target: float,
+               steps: int = 4) -> tuple[float, float] | None:
+    """(factor, KL on the prompts seen) of the smallest factor found on the kernels' weights at which the edit
+    ``params`` starts the base's refusals no more readily than ``target``: secant steps, as the likelihood falls
+    steadily while the weights grow. None when it is there already or the search space's weights cannot get there."""
+    def at(factor: float) -> tuple[float | None, float]:
+        return bench.probe(*to_edit(scaled(params, factor), base, bench.centre))
+
+    cap, (f0, (l0, kl)) = strength_cap(params), (1.0, at(1.0))
+    if l0 is None or l0 <= target or cap <= 1.0:
+        return None
+    f1 = min(cap, 1.02)
+    l1, kl = at(f1)
+    for _ in range(steps):
+        if l1 is None or l1 <= target:
+            break
+        slope = (l1 - l0) / (f1 - f0)
+        f2 = min(cap, f1 + (target - l1) / slope * 1.05) if slope < 0 else f1  # a little past: land at or below
+        if f2 <= f1 + 1e-4:
+            return None
+        f0, l0, f1, (l1, kl) = f1, l1, f2, at(f2)
+    return (f1, kl) if l1 is not None and l1 <= target else None
+
+
+def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, cfg: SearchConfig,
+              base: EditConfig, say: Progress, space: Space) -> list[Scored]:
+    """A finalist with a lower KL than the plain edit is often only weaker: it ties with it on the prompts seen
+    and refuses more on the next ones. Each is tried with its weights raised until it is a little stronger than
+    the plain edit by refusal likelihood (`strengthen`, ``cfg.twin_margin``); when its KL is still the lower, that
+    twin runs as a new trial and joins the finalists, so the plain edit also meets edits of its own strength."""
+    if default is None or not cfg.twins:
+        return []
+    plain, plain_kl = bench.probe(*to_edit(default.params, base, bench.centre))
+    unedited = bench.likelihood()
+    # a little stronger than the plain edit: a twin matched to it exactly ties on the mean and flips a coin on
+    # each borderline prompt
+    target = None if plain is None or unedited is None else plain - cfg.twin_margin * max(0.0, unedited - plain)
+    twins: list[Scored] = []
+    for t in picks:
+        found = None if target is None or t.number == default.number or t.kl >= default.kl else strengthen(
+            bench, t.params, base, target)
+        if found is None or found[1] >= plain_kl:
+            continue
+        study.enqueue_trial(scaled(t.params, found[0]), user_attrs={"twin_of": t.number})
+        twin = run_trials(study, bench, cfg.model_copy(update={"trials": 1}), base, None, space)[0]
+        say(f"trial {twin.number}: trial {t.number} with weights x{found[0]:.3f}, a little stronger than the plain "
+            f"edit: refusal {twin.refusal:.1%}, KL {twin.kl:.4f}")
+        twins.append(twin)
+    return twins
 
 
 def pareto_front(study: Any) -> list[Scored]:
     """Trials that no other trial beats on both refusal and KL (Optuna's `best_trials`), sorted by refusal."""
     return sorted((_scored(t) for t in study.best_trials), key=lambda t: (t.refusal, t.kl, t.number))
-
-
-def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
-           default: Scored | None = None, slack: float = 0.0) -> tuple[Scored, str]:
-    """The chosen trial and the rule that chose it, in words. With the plain edit's score (``default``)
-    at or below the target, nothing refusing more than it (plus ``slack``: one prompt's worth, the noise
-    floor of the count) can be chosen: the search does not trade refusals for KL against the plain edit."""
-    if not trials:
-        raise UserError("the study holds no completed trial to choose from: run more --trials")
-    pool = [t for t in trials if max_kl is None or t.kl <= max_kl] or trials
-    kl_note = f" and KL ≤ {max_kl:g}" if max_kl is not None and len(pool) < len(trials) else ""
-    limit = target * base_rate
-    if default is not None and default.refusal <= limit + 1e-9:
-        cap = min(limit, default.refusal + slack)
-        ok = [t for t in pool if t.refusal <= cap + 1e-9] or [default]
-        best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
-        return best, (f"lowest KL among {len(ok)} finalists refusing at most {cap:.1%} (the plain edit's "
-                      f"{default.refusal:.1%}{f' + {slack:.1%}' if slack else ''}, within the target "
-                      f"{limit:.1%})" + kl_note)
-    ok = [t for t in pool if t.refusal <= limit + 1e-9]
-    if ok:
-        best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
-        rule = f"lowest KL among {len(ok)} trials with refusal ≤ {limit:.1%} ({target:g} × base {base_rate:.1%})"
-        return best, rule + kl_note
-    best = min(pool, key=lambda t: (t.refusal, t.kl, t.number))
-    if best.refusal >= base_rate:
-        raise UserError(f"none of the {len(trials)} trials lowered the refusal rate below the base's "
-                        f"{base_rate:.1%}: run more --trials (the study continues where it stopped)")
-    return best, f"no trial reached refusal ≤ {limit:.1%}: lowest refusal (ties by KL)" + kl_note
 
 
 @dataclass
@@ -375,12 +287,13 @@ class Outcome:
     chosen: Scored  # as re-scored
     rule: str
     limit: float
+    twins: dict[int, int]  # trial number -> the finalist it is a stronger twin of (`calibrate`)
 
     def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
         return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number, "rule": self.rule,
                 "target": cfg.target, "base_refusal_rate": base_rate, "refusal_limit": self.limit,
                 "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front],
-                "finalists": [asdict(t) for t in self.finalists]}
+                "finalists": [asdict(t) for t in self.finalists], "twins": self.twins}
 
 
 def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
@@ -450,11 +363,15 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         trials = completed(study)
         front, default = pareto_front(study), default_trial(study, trials)
         picks = finalists_of(front, trials, default, cfg.target * bench.base_rates["trial"], cfg.finalists)
+        picks += calibrate(study, bench, picks, default, cfg, job.edit, say, space)
+        trials = completed(study)
         finalists = confirm(bench, picks, job.edit, say)
         default = next((t for t in finalists if default is not None and t.number == default.number), None)
         seen = len(bench.parts["trial"].harmful) + len(bench.parts["confirm"].harmful)
         chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default, 1 / seen)
-        result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate)
+        twins = {t.number: t.user_attrs["twin_of"] for t in study.get_trials(deepcopy=False)
+                 if "twin_of" in t.user_attrs}
+        result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate, twins)
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
     return _save(job, cfg, bench, prompts, result, path, default, say, study)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.edit.search import Scored
+    from pipeline.edit.search_choice import Scored
 
 
 def fmt_time(seconds: float) -> str:

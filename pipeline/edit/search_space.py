@@ -116,3 +116,20 @@ def neighbours(params: dict[str, Any], cfg: SearchConfig) -> list[dict[str, Any]
         if variant != params:
             out.append(variant)
     return out
+
+
+WEIGHT_FIELDS = ("strength", "max_weight")  # the weight a kernel gives at its peak, per kind
+
+
+def strength_cap(params: dict[str, Any]) -> float:
+    """The largest factor `scaled` may apply before a kernel's peak weight leaves the search space."""
+    caps = [KERNEL_SPACE[params[f"{comp}.kind"]][name][1] / value for key, value in params.items()
+            for comp, _, name in [key.partition(".")]
+            if name in WEIGHT_FIELDS and params.get(f"{comp}.kind") in KERNEL_SPACE and value > 0]
+    return min(caps, default=1.0)
+
+
+def scaled(params: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The same edit with every kernel's peak weight times ``factor`` (shape, place and method kept)."""
+    return {key: round(value * factor, 4) if key.partition(".")[2] in WEIGHT_FIELDS else value
+            for key, value in params.items()}

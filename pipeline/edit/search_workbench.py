@@ -1,0 +1,141 @@
+"""The search's bench: the evaluation prompts split three ways, and the loaded model with the base model's side of
+each part measured once, on which trials apply edits in place and revert them exactly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.edit import directions as dirs
+from pipeline.edit import stages
+from pipeline.edit.abliterate import EditConfig, apply_in_memory
+from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.errors import UserError
+from pipeline.evaluation.evaluate import (
+    EvalConfig,
+    classify,
+    evaluate,
+    first_token_logprobs,
+    is_refusal,
+    kl_divergence,
+    markers_for,
+    require_base_refusals,
+)
+from pipeline.evaluation.likelihood import refusal_likelihood
+from pipeline.io.loading import Loaded
+
+
+def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of ``n`` prompts: every 1/fraction-th is held out, so each of several
+    concatenated prompt sets gives its share to both sides."""
+    held = [i for i in range(n) if int((i + 1) * fraction) > int(i * fraction)]
+    return [i for i in range(n) if i not in set(held)], held
+
+
+@dataclass(frozen=True)
+class Part:  # one share of the evaluation prompts, with the base model's side measured once
+    harmful: tuple[str, ...]
+    harmless: tuple[str, ...]
+    groups: tuple[str, ...]  # the prompt set of each harmful prompt, for refusal rates per set
+    ref: Any  # BaseReference
+
+
+def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequence[str],
+                test_fraction: float) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+    """trial / confirm / test prompts: the test part holds ``test_fraction``, the rest is halved."""
+    def take(items: Sequence[str], idx: list[int]) -> tuple[str, ...]:
+        return tuple(items[i] for i in idx)
+
+    hf_rest, hf_test = held_out(len(harmful), test_fraction)
+    hl_rest, hl_test = held_out(len(harmless), test_fraction)
+    hf_trial, hf_confirm = (take(hf_rest, x) for x in held_out(len(hf_rest), 0.5))
+    hl_trial, hl_confirm = (take(hl_rest, x) for x in held_out(len(hl_rest), 0.5))
+    parts = {"trial": (take(harmful, hf_trial), take(harmless, hl_trial), take(groups, hf_trial)),
+             "confirm": (take(harmful, hf_confirm), take(harmless, hl_confirm), take(groups, hf_confirm)),
+             "test": (take(harmful, hf_test), take(harmless, hl_test), take(groups, hf_test))}
+    if any(not p[0] or not p[1] for p in parts.values()):
+        raise UserError(f"the search splits the evaluation prompts into trial, confirm and test parts, and "
+                        f"{len(harmful)} harmful / {len(harmless)} harmless are too few: give more prompts "
+                        "(--max-eval, --eval-fraction) or change --test-fraction")
+    return parts
+
+
+class Workbench:
+    """The loaded model with the base side of each prompt part; edits are applied in place and reverted exactly."""
+
+    def __init__(self, loaded: Loaded, d: dirs.Directions, parts: dict[str, Part], eval_cfg: EvalConfig,
+                 embed: bool = False) -> None:
+        self.model, self.tokenizer, self.d, self.parts = loaded.model, loaded.tokenizer, d, parts
+        self.loaded = loaded
+        self.eval_cfg = eval_cfg
+        self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
+        self.markers = markers_for(eval_cfg)
+        require_base_refusals(parts["trial"].ref, self.markers)
+        refused = {k: sum(is_refusal(classify(r, self.markers)) for r in p.ref.responses) for k, p in parts.items()}
+        self.base_rates = {k: refused[k] / len(p.harmful) for k, p in parts.items()}
+        seen = ("trial", "confirm")
+        self.base_rate = sum(refused[k] for k in seen) / sum(len(parts[k].harmful) for k in seen)
+        # the base's refusals on the prompts the search sees: what `likelihood` asks an edit to start
+        said = [(q, r) for k in seen for q, r in zip(parts[k].harmful, parts[k].ref.responses, strict=True)
+                if is_refusal(classify(r, self.markers))]
+        self.refusals = ([q for q, _ in said], [r for _, r in said])
+        self.seen_harmless = parts["trial"].harmless + parts["confirm"].harmless
+        self.seen_logprobs = torch.cat([parts[k].ref.logprobs for k in seen])
+        config = self.model.config
+        self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
+        self.centre = d.suggested_layer / max(1, d.num_layers - 1)  # where per-layer trials centre kernels
+        params = dict(self.model.named_parameters())
+        writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
+        self.params = {m.name: params[m.name] for m in writers}
+        self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
+        self.eval_seconds = 0.0
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Whatever happens to the writers inside, they hold the base weights (bit for bit) afterwards."""
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(self.saved[name])
+
+    def evaluate(self, part: str, **kwargs: Any) -> dict:
+        p = self.parts[part]
+        cfg = self.eval_cfg if part == "test" else self.trial_cfg
+        return evaluate(self.model, self.tokenizer, p.harmful, p.harmless, cfg, base=p.ref, markers=self.markers,
+                        groups=p.groups, **kwargs)
+
+    def run(self, edit: EditConfig, spec: str, part: str = "trial", likelihood: bool = False) -> tuple[dict, dict]:
+        """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
+        ``likelihood``, the results hold its refusal likelihood on the prompts seen too."""
+        direction, layer, edit = stages.chosen_direction(self.d, spec, edit)
+        with self.restoring():
+            apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
+            began = time.monotonic()
+            results = self.evaluate(part)
+            self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
+            if likelihood:
+                results["refusal_likelihood"] = self.likelihood()
+        return results, layer
+
+    def likelihood(self) -> float | None:
+        """The model's refusal likelihood on the base's refusals of the prompts the search sees."""
+        return refusal_likelihood(self.model, self.tokenizer, *self.refusals, prefill_think=self.eval_cfg.prefill_think,
+                                  batch_size=self.eval_cfg.batch_size)
+
+    def probe(self, edit: EditConfig, spec: str) -> tuple[float | None, float]:
+        """(refusal likelihood, first-token KL) of an edit on the prompts the search sees, without generating."""
+        direction, _, edit = stages.chosen_direction(self.d, spec, edit)
+        with self.restoring():
+            apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
+            logprobs = first_token_logprobs(self.model, self.tokenizer, self.seen_harmless, self.eval_cfg.batch_size,
+                                            self.eval_cfg.prefill_think)
+            return self.likelihood(), kl_divergence(self.seen_logprobs, logprobs)
+
+

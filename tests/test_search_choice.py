@@ -1,0 +1,39 @@
+"""Which trial the search keeps (pipeline/edit/search_choice.py): finalists and the choice rule."""
+
+from __future__ import annotations
+
+from pipeline.edit.search_choice import Scored, choose, finalists_of, weaker
+
+
+def _s(number: int, refusal: float, kl: float) -> Scored:
+    return Scored(number, refusal, kl, {}, {})
+
+
+def test_nothing_weaker_than_the_plain_edit_replaces_it():
+    # Refusal likelihoods as on the demo: trial 1 refused fewer of the prompts seen at a lower KL, but starts the
+    # base's refusals more readily than the plain edit (it refused 7 of the 40 test prompts to the plain edit's 3).
+    plain = Scored(0, 0.05, 0.0057, {}, {}, likelihood=0.4508)
+    weak = Scored(1, 0.025, 0.0032, {}, {}, likelihood=0.4836)
+    twin = Scored(2, 0.05, 0.0050, {}, {}, likelihood=0.4500)
+    best, rule = choose([plain, weak], base_rate=1.0, target=0.1, default=plain, slack=0.025)
+    assert best.number == 0 and "none weaker than the plain edit" in rule
+    best, _ = choose([plain, weak, twin], base_rate=1.0, target=0.1, default=plain, slack=0.025)
+    assert best.number == 2  # as strong as the plain edit, at a lower KL
+    best, _ = choose([plain, weak], base_rate=1.0, target=0.01, default=plain)
+    assert best.number == 0  # outside the target the lowest refusal wins, but not a weaker edit's
+    best, _ = choose([plain, weak], base_rate=1.0, target=0.1)
+    assert best.number == 1  # without the plain edit there is nothing to be weaker than
+    assert not weaker(weak, None) and not weaker(plain, plain) and weaker(weak, plain)
+
+
+def test_finalists_include_the_plain_edits_lowest_kl_peers():
+    # Trial-part scores as on Qwen2.5 (16 prompts): at the plain edit's count, trial 3's lower KL hides
+    # trials 1 and 4 from the front, though the count is too small to tell them apart.
+    plain = _s(0, 0.062, 0.043)
+    trials = [plain, _s(1, 0.062, 0.040), _s(2, 0.062, 0.042), _s(3, 0.062, 0.033), _s(4, 0.062, 0.037),
+              _s(5, 0.125, 0.020), _s(6, 0.25, 0.016), _s(7, 0.5, 0.002)]
+    front = [trials[i] for i in (3, 5, 6, 7)]
+    picks = finalists_of(front, trials, plain, limit=0.066, n=2)
+    assert [t.number for t in picks] == [3, 5, 4, 1, 0]  # two of the front, two peers, then the plain edit
+    assert [t.number for t in finalists_of(front, trials, None, limit=0.066, n=2)] == [3, 5]
+    assert len({t.number for t in finalists_of(front, trials, plain, 0.066, n=8)}) == len(trials)
