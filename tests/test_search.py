@@ -16,6 +16,7 @@ from pipeline.edit import search_space as space
 from pipeline.edit import search_workbench
 from pipeline.edit.abliterate import EditConfig, strengths
 from pipeline.edit.search import Scored, SearchConfig, choose, pareto_front, search
+from pipeline.edit.stages import default_edit
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig, reference
 from pipeline.orchestrator.run import AbliterateJob
@@ -310,7 +311,7 @@ def test_a_weaker_edit_is_raised_to_the_plain_edits_strength(demo_loaded, demo_p
              for k, (hf, hl, gr) in split.items()}
     bench = se.Workbench(demo_loaded, demo_d, parts, cfg)
     before = _snapshot(demo_loaded.model)
-    plain = space.from_edit(stages_default(demo_d), demo_d, SearchConfig())
+    plain = space.from_edit(default_edit(demo_d, "best", EditConfig()), demo_d, SearchConfig())
     target, plain_kl = bench.probe(*space.to_edit(plain, EditConfig(), bench.centre))
     weak = space.scaled(plain, 0.7)
     weak_likelihood, weak_kl = bench.probe(*space.to_edit(weak, EditConfig(), bench.centre))
@@ -321,12 +322,6 @@ def test_a_weaker_edit_is_raised_to_the_plain_edits_strength(demo_loaded, demo_p
     assert 0.9 <= 0.7 * factor <= 1.15  # back near the plain edit's weights, from which it was scaled
     assert se.strengthen(bench, plain, EditConfig(), target) is None  # already as strong
     _assert_same_weights(demo_loaded.model, before)
-
-
-def stages_default(d):
-    from pipeline.edit.stages import default_edit
-
-    return default_edit(d, "best", EditConfig())
 
 
 @pytest.mark.parametrize("trials", [0, -1])

@@ -111,12 +111,18 @@ class Workbench:
         return evaluate(self.model, self.tokenizer, p.harmful, p.harmless, cfg, base=p.ref, markers=self.markers,
                         groups=p.groups, **kwargs)
 
-    def run(self, edit: EditConfig, spec: str, part: str = "trial", likelihood: bool = False) -> tuple[dict, dict]:
-        """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
-        ``likelihood``, the results hold its refusal likelihood on the prompts seen too."""
+    @contextmanager
+    def applied(self, edit: EditConfig, spec: str) -> Iterator[dict]:
+        """The edit in place inside (yields its layer info); the base weights again afterwards."""
         direction, layer, edit = stages.chosen_direction(self.d, spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
+            yield layer
+
+    def run(self, edit: EditConfig, spec: str, part: str = "trial", likelihood: bool = False) -> tuple[dict, dict]:
+        """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
+        ``likelihood``, the results hold its refusal likelihood on the prompts seen too."""
+        with self.applied(edit, spec) as layer:
             began = time.monotonic()
             results = self.evaluate(part)
             self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
@@ -131,11 +137,7 @@ class Workbench:
 
     def probe(self, edit: EditConfig, spec: str) -> tuple[float | None, float]:
         """(refusal likelihood, first-token KL) of an edit on the prompts the search sees, without generating."""
-        direction, _, edit = stages.chosen_direction(self.d, spec, edit)
-        with self.restoring():
-            apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
+        with self.applied(edit, spec):
             logprobs = first_token_logprobs(self.model, self.tokenizer, self.seen_harmless, self.eval_cfg.batch_size,
                                             self.eval_cfg.prefill_think)
             return self.likelihood(), kl_divergence(self.seen_logprobs, logprobs)
-
-

@@ -44,20 +44,15 @@ def refusal_likelihood(model: Any, tokenizer: Any, prompts: Sequence[str], repli
     if not rows:
         return None
     order = sorted(range(len(rows)), key=lambda i: sum(map(len, rows[i])))
-    device, pad = input_device(model), tokenizer.pad_token_id
-    scores = []
+    device, scores = input_device(model), []
     for idx in batched(order, batch_size or auto_batch_size(model)):
-        seqs = [rows[i][0] + rows[i][1] for i in idx]
-        width = max(map(len, seqs))
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        enc = tokenizer.pad({"input_ids": [rows[i][0] + rows[i][1] for i in idx]}, return_tensors="pt")
+        keep = max(len(rows[i][1]) for i in idx) + 1  # left padding: every answer ends at the last position
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            logits = model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
         for b, i in enumerate(idx):
-            answer = rows[i][1]
-            # position t predicts token t+1: the answer's tokens are the last len(answer) of the row
-            span = logp[b, width - 1 - len(answer): width - 1]
-            picked = span.gather(-1, torch.tensor(answer, device=device)[:, None]).squeeze(-1)
+            answer = torch.tensor(rows[i][1], device=logp.device)
+            picked = logp[b, logp.shape[1] - len(answer):].gather(-1, answer[:, None]).squeeze(-1)
             scores.append(float(picked.mean().exp()))
     return sum(scores) / len(scores)
