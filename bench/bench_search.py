@@ -122,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     chosen, plain = s["chosen_on_test"], s["plain_edit_on_test"]
     beats = chosen["refusal"] <= plain["refusal"] and chosen["kl"] < plain["kl"]
     same = s["chosen_trial"] == 0
+    refined = {int(k): v for k, v in s.get("refined", {}).items()}
+    if refined:
+        print(f"refined trials (the plain edit at its strength, moved): {refined}")
     print(f"(a) on the test part ({s['prompts']['test']['harmful']} harmful prompts, unseen by the search): chosen "
           f"trial {s['chosen_trial']} refusal {chosen['refusal']:.1%} KL {chosen['kl']:.4f}; plain edit refusal "
           f"{plain['refusal']:.1%} KL {plain['kl']:.4f}")
-    print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials")
+    print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials; the whole "
+          f"search {ours['seconds']:.0f} s")
     result = {"model": args.model, "trials": args.trials, "threads": torch.get_num_threads(),
               "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
     hv = ""

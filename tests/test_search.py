@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,6 @@ from pipeline.edit import search_space as space
 from pipeline.edit import search_workbench
 from pipeline.edit.abliterate import EditConfig, strengths
 from pipeline.edit.search import Scored, SearchConfig, choose, pareto_front, search
-from pipeline.edit.stages import default_edit
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig, reference
 from pipeline.orchestrator.run import AbliterateJob
@@ -118,7 +118,9 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     report = json.loads((out / "search.json").read_text())
     assert recipe["search"]["chosen_trial"] == report["chosen_trial"] == first["search"]["chosen_trial"]
     twins = {int(k): v for k, v in report["twins"].items()}  # stronger twins of finalists (`calibrate`)
-    assert recipe["search"]["trials"] == TRIALS + len(twins) == len(report["trials_all"])
+    refined = {int(k): v for k, v in report["refined"].items()}  # the plain edit refined (`refined_trial`)
+    assert len(refined) <= 1  # once per study: the continued run did not refine again
+    assert recipe["search"]["trials"] == TRIALS + len(twins) + len(refined) == len(report["trials_all"])
     assert recipe["kind"] == "abliterated" and recipe["method"] in space.METHODS
     chosen = next(t for t in report["trials_all"] if t["number"] == report["chosen_trial"])
     edit, spec = space.to_edit(chosen["params"], EditConfig())
@@ -128,10 +130,10 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     front, finalists = {t["number"] for t in report["pareto_front"]}, {t["number"] for t in report["finalists"]}
     plain = next(t for t in report["trials_all"] if t["number"] == 0)
     peers = {t["number"] for t in report["trials_all"] if t["refusal"] <= plain["refusal"]}  # trial 0 among them
-    assert report["chosen_trial"] in finalists <= front | peers | set(twins) and 0 in finalists
+    assert report["chosen_trial"] in finalists <= front | peers | set(twins) | set(refined) and 0 in finalists
     assert set(twins.values()) <= finalists
     rescored = {t["number"]: t for t in report["finalists"]}
-    for number in twins:  # raised a little past the plain edit's strength
+    for number in [*twins, *refined]:  # a little past the plain edit's strength
         assert rescored[number]["likelihood"] < rescored[0]["likelihood"]
     assert "| trial |" in report["table"]
     edited = AutoModelForCausalLM.from_pretrained(out)
@@ -303,27 +305,6 @@ def test_scaling_a_trial_raises_its_peak_weights_within_the_space(demo_d):
     assert space.strength_cap(tent) == pytest.approx(2.0)
 
 
-def test_a_weaker_edit_is_raised_to_the_plain_edits_strength(demo_loaded, demo_prompts, demo_d, one_thread):
-    split = se.split_parts(demo_prompts.harmful.evaluate, demo_prompts.harmless.evaluate,
-                           demo_prompts.eval_groups(), 0.5)
-    cfg = FAST.model_copy(update={"perplexity": False})
-    parts = {k: se.Part(hf, hl, gr, reference(demo_loaded.model, demo_loaded.tokenizer, hf, hl, cfg))
-             for k, (hf, hl, gr) in split.items()}
-    bench = se.Workbench(demo_loaded, demo_d, parts, cfg)
-    before = _snapshot(demo_loaded.model)
-    plain = space.from_edit(default_edit(demo_d, "best", EditConfig()), demo_d, SearchConfig())
-    target, plain_kl = bench.probe(*space.to_edit(plain, EditConfig(), bench.centre))
-    weak = space.scaled(plain, 0.7)
-    weak_likelihood, weak_kl = bench.probe(*space.to_edit(weak, EditConfig(), bench.centre))
-    assert weak_likelihood > target and weak_kl < plain_kl  # weaker, and cheaper for it
-    factor, kl = se.strengthen(bench, weak, EditConfig(), target)
-    likelihood, probed_kl = bench.probe(*space.to_edit(space.scaled(weak, factor), EditConfig(), bench.centre))
-    assert likelihood <= target and kl == pytest.approx(probed_kl)
-    assert 0.9 <= 0.7 * factor <= 1.15  # back near the plain edit's weights, from which it was scaled
-    assert se.strengthen(bench, plain, EditConfig(), target) is None  # already as strong
-    _assert_same_weights(demo_loaded.model, before)
-
-
 @pytest.mark.parametrize("trials", [0, -1])
 def test_zero_or_negative_trials(tmp_path, trials):
     with pytest.raises(ValidationError):
@@ -390,15 +371,46 @@ def test_incompatible_job_settings(tmp_path, change, needle):
         search(AbliterateJob(model="demo", out=tmp_path / "o", **change), SearchConfig(trials=1))
 
 
-def test_card_compares_the_chosen_and_plain_edits_on_the_test_part(searched):
+def test_card_compares_the_chosen_and_plain_edits_on_the_test_part(searched, tmp_path):
+    import shutil
+
     from pipeline.publish.card import render_card
 
     text = render_card(searched["root"] / "second", "someone/demo-searched")
     found = searched["second"]["search"]
-    assert "### Automatic search" in text and f"over {TRIALS} trials" in text
-    assert f"trial {found['chosen_trial']}, lowest KL" in text and "(40 harmful prompts)" in text
+    assert "### Automatic search" in text and f"over {found['trials']} trials" in text
+    refined = found["refined"].get(found["chosen_trial"])
+    origin = f" (the default edit refined at its strength: {refined})" if refined else ""
+    assert f"trial {found['chosen_trial']}{origin}, lowest KL" in text and "(40 harmful prompts)" in text
     row = next(line for line in text.splitlines() if line.startswith("| KL divergence from base ↓ | ")
                and line.count("|") == 4)
     plain, chosen = (float(c) for c in row.split("|")[2:4])
     assert plain == pytest.approx(found["plain_edit_on_test"]["kl"], abs=6e-5)
     assert chosen == pytest.approx(found["chosen_on_test"]["kl"], abs=6e-5)
+    copy = tmp_path / "refined"  # had the refined edit been chosen, the card names its moves
+    shutil.copytree(searched["root"] / "second", copy)
+    recipe = json.loads((copy / "recipe.json").read_text())
+    recipe["search"]["refined"] = {str(found["chosen_trial"]): "method projected + towards attention"}
+    (copy / "recipe.json").write_text(json.dumps(recipe))
+    assert (f"trial {found['chosen_trial']} (the default edit refined at its strength: method projected + towards "
+            "attention), lowest KL") in render_card(copy, "someone/demo-searched")
+
+
+def test_the_plain_edit_refined_at_its_strength_joins_the_finalists_once(tmp_path, demo_loaded, demo_d):
+    """At the plain edit's own strength (no margin) the demo's plain edit has moves that keep less KL."""
+    before, study, lines = _snapshot(demo_loaded.model), tmp_path / "r.journal", []
+    cfg = SearchConfig(trials=2, study=study, twin_margin=0.0, refine=1, neighbours=False)
+    job = AbliterateJob(model="demo", out=tmp_path / "a", eval=FAST.model_copy(update={"perplexity": False}))
+    first = search(job, cfg, lines.append, demo_loaded, demo_d)["search"]
+    (number, moves), = first["refined"].items()
+    assert number == 2 and any(line.startswith(f"trial 2: the plain edit refined ({moves})") for line in lines)
+    finalists = {t["number"]: t for t in first["finalists"]}
+    refined, plain = finalists[number], finalists[0]
+    assert refined["params"] != plain["params"]
+    assert refined["likelihood"] <= plain["likelihood"] + 1e-9  # as strong on the prompts seen
+    assert refined["kl"] < plain["kl"]  # and cheaper: what the moves were taken for
+    again = search(replace(job, out=tmp_path / "b"), cfg.model_copy(update={"trials": 1}), lines.append,
+                   demo_loaded, demo_d)["search"]
+    assert again["refined"] == first["refined"] and number in {t["number"] for t in again["finalists"]}
+    assert sum(line.startswith("refining the plain edit") for line in lines) == 1  # not refined again
+    _assert_same_weights(demo_loaded.model, before)

@@ -9,7 +9,8 @@ The evaluation prompts are split three ways, so the numbers reported are not the
 trials are scored on the *trial* part; the best few Pareto trials and the plain edit (trial 0) are re-scored
 on the *confirm* part too (twice the prompts, so noise on a handful cannot pick the winner). A finalist with a
 lower KL than the plain edit is first tried again a little stronger than the plain edit (`calibrate`: its weights
-raised until its refusal likelihood is below the plain edit's), since most such finalists are merely weaker.
+raised until its refusal likelihood is below the plain edit's), since most such finalists are merely weaker;
+the plain edit is refined at that same strength (`refined_trial`, `search_refine`) into one more finalist.
 The chosen one (lowest KL with refusal <= target × base rate, never above the plain edit's nor weaker than it,
 else lowest refusal) is saved like a plain abliteration and evaluated, beside the plain edit, on the *test*
 part that no trial saw.
@@ -33,8 +34,9 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search_choice import Scored, choose, finalists_of, rank
+from pipeline.edit.search_refine import refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
-from pipeline.edit.search_space import from_edit, neighbours, scaled, strength_cap, suggest, to_edit
+from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest, to_edit
 from pipeline.edit.search_workbench import Part, Workbench, split_parts
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig, reference
@@ -86,8 +88,13 @@ class SearchConfig(BaseModel):
         "it is a little stronger than the plain edit by refusal likelihood (a new trial each): a lower KL is most "
         "often a weaker edit.")
     twin_margin: float = Field(
-        0.05, ge=0, le=1, description="How much stronger than the plain edit a twin is made: this share of the way "
-        "the plain edit moved the refusal likelihood down from the base model's.")
+        0.05, ge=0, le=1, description="How much stronger than the plain edit twins and the refined edit are made: "
+        "this share of the way the plain edit moved the refusal likelihood down from the base model's.")
+    refine: int = Field(
+        2, ge=0, description="Rounds of refining the plain edit at the twins' strength: each round tries every small "
+        "move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
+        "likelihood (forward passes, no generation) and keeps the one with the least KL; the result runs as one "
+        "more trial. 0: off.")
 
 
 @contextmanager
@@ -223,55 +230,73 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     return out
 
 
-def strengthen(bench: Workbench, params: dict[str, Any], base: EditConfig, target: float,
-               steps: int = 4) -> tuple[float, float] | None:
-    """(factor, KL on the prompts seen) of the smallest factor found on the kernels' weights at which the edit
-    ``params`` starts the base's refusals no more readily than ``target``: secant steps, as the likelihood falls
-    steadily while the weights grow. None when it is there already or the search space's weights cannot get there."""
-    def at(factor: float) -> tuple[float | None, float]:
-        return bench.probe(*to_edit(scaled(params, factor), base, bench.centre))
+@dataclass(frozen=True)
+class Strength:  # the strength finalists are raised to and refinement works at
+    target: float  # refusal likelihood on the prompts seen: the plain edit's, less the twin margin
+    tol: float  # how far below the target a matched edit may land
+    plain_kl: float  # the plain edit's KL on the harmless prompts seen (probe)
 
-    cap, (f0, (l0, kl)) = strength_cap(params), (1.0, at(1.0))
-    if l0 is None or l0 <= target or cap <= 1.0:
+
+def strength_of(bench: Workbench, default: Scored | None, cfg: SearchConfig, base: EditConfig) -> Strength | None:
+    """A little stronger than the plain edit (``cfg.twin_margin`` of the way it moved the refusal likelihood from
+    the base model's): an edit matched to it exactly ties on the mean and flips a coin on each borderline prompt."""
+    if default is None:
         return None
-    f1 = min(cap, 1.02)
-    l1, kl = at(f1)
-    for _ in range(steps):
-        if l1 is None or l1 <= target:
-            break
-        slope = (l1 - l0) / (f1 - f0)
-        f2 = min(cap, f1 + (target - l1) / slope * 1.05) if slope < 0 else f1  # a little past: land at or below
-        if f2 <= f1 + 1e-4:
-            return None
-        f0, l0, f1, (l1, kl) = f1, l1, f2, at(f2)
-    return (f1, kl) if l1 is not None and l1 <= target else None
-
-
-def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, cfg: SearchConfig,
-              base: EditConfig, say: Progress, space: Space) -> list[Scored]:
-    """A finalist with a lower KL than the plain edit is often only weaker: it ties with it on the prompts seen
-    and refuses more on the next ones. Each is tried with its weights raised until it is a little stronger than
-    the plain edit by refusal likelihood (`strengthen`, ``cfg.twin_margin``); when its KL is still the lower, that
-    twin runs as a new trial and joins the finalists, so the plain edit also meets edits of its own strength."""
-    if default is None or not cfg.twins:
-        return []
     plain, plain_kl = bench.probe(*to_edit(default.params, base, bench.centre))
     unedited = bench.likelihood()
-    # a little stronger than the plain edit: a twin matched to it exactly ties on the mean and flips a coin on
-    # each borderline prompt
-    target = None if plain is None or unedited is None else plain - cfg.twin_margin * max(0.0, unedited - plain)
+    if plain is None or unedited is None:
+        return None
+    moved = max(0.0, unedited - plain)
+    return Strength(plain - cfg.twin_margin * moved, 0.02 * moved, plain_kl)
+
+
+def run_enqueued(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig, params: dict[str, Any],
+                 attrs: dict[str, Any], space: Space) -> Scored:
+    """Run ``params`` as the study's next trial, with ``attrs`` as its user attributes."""
+    study.enqueue_trial(params, user_attrs=attrs)
+    return run_trials(study, bench, cfg.model_copy(update={"trials": 1}), base, None, space)[0]
+
+
+def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, strength: Strength | None,
+              cfg: SearchConfig, base: EditConfig, say: Progress, space: Space) -> list[Scored]:
+    """A finalist with a lower KL than the plain edit is often only weaker: it ties with it on the prompts seen
+    and refuses more on the next ones. Each is tried with its weights raised to ``strength`` (`strengthen`);
+    when its KL is still the lower, that twin runs as a new trial and joins the finalists, so the plain edit also
+    meets edits of its own strength."""
+    if default is None or strength is None or not cfg.twins:
+        return []
     twins: list[Scored] = []
     for t in picks:
-        found = None if target is None or t.number == default.number or t.kl >= default.kl else strengthen(
-            bench, t.params, base, target)
-        if found is None or found[1] >= plain_kl:
+        found = None if t.number == default.number or t.kl >= default.kl else strengthen(
+            bench, t.params, base, strength.target, strength.tol)
+        if found is None or found.kl >= strength.plain_kl:
             continue
-        study.enqueue_trial(scaled(t.params, found[0]), user_attrs={"twin_of": t.number})
-        twin = run_trials(study, bench, cfg.model_copy(update={"trials": 1}), base, None, space)[0]
-        say(f"trial {twin.number}: trial {t.number} with weights x{found[0]:.3f}, a little stronger than the plain "
-            f"edit: refusal {twin.refusal:.1%}, KL {twin.kl:.4f}")
+        twin = run_enqueued(study, bench, cfg, base, scaled(t.params, found.factor), {"twin_of": t.number}, space)
+        say(f"trial {twin.number}: trial {t.number} with weights x{found.factor:.3f}, a little stronger than the "
+            f"plain edit: refusal {twin.refusal:.1%}, KL {twin.kl:.4f}")
         twins.append(twin)
     return twins
+
+
+def refined_trial(study: Any, bench: Workbench, default: Scored | None, strength: Strength | None,
+                  cfg: SearchConfig, base: EditConfig, say: Progress, space: Space) -> list[Scored]:
+    """The plain edit refined at ``strength`` (`refine`), run as a new trial when it keeps less KL than the
+    plain edit; once per study (a continued study keeps the one it has as a finalist)."""
+    done = [_scored(t) for t in study.get_trials(deepcopy=False) if "refined" in t.user_attrs and t.values]
+    if done or default is None or strength is None or cfg.refine < 1:
+        return done
+    say(f"refining the plain edit at its strength (refusal likelihood {strength.target:.4f}), "
+        f"up to {cfg.refine} rounds")
+    found = refine(bench, default.params, base, strength.target, strength.tol, cfg.refine, cfg.search_method,
+                   say=say)
+    if found is None or found.matched.kl >= strength.plain_kl:
+        say("refining: no move keeps less KL at the plain edit's strength")
+        return []
+    moves = " + ".join(found.path)
+    t = run_enqueued(study, bench, cfg, base, found.params, {"refined": moves}, space)
+    say(f"trial {t.number}: the plain edit refined ({moves}), KL {found.matched.kl:.4f} against "
+        f"{strength.plain_kl:.4f} on the prompts seen: refusal {t.refusal:.1%}, KL {t.kl:.4f}")
+    return [t]
 
 
 def pareto_front(study: Any) -> list[Scored]:
@@ -288,12 +313,14 @@ class Outcome:
     rule: str
     limit: float
     twins: dict[int, int]  # trial number -> the finalist it is a stronger twin of (`calibrate`)
+    refined: dict[int, str]  # trial number -> the moves that refined the plain edit into it (`refined_trial`)
 
     def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
         return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number, "rule": self.rule,
                 "target": cfg.target, "base_refusal_rate": base_rate, "refusal_limit": self.limit,
                 "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front],
-                "finalists": [asdict(t) for t in self.finalists], "twins": self.twins}
+                "finalists": [asdict(t) for t in self.finalists], "twins": self.twins,
+                "refined": self.refined}
 
 
 def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
@@ -363,15 +390,18 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         trials = completed(study)
         front, default = pareto_front(study), default_trial(study, trials)
         picks = finalists_of(front, trials, default, cfg.target * bench.base_rates["trial"], cfg.finalists)
-        picks += calibrate(study, bench, picks, default, cfg, job.edit, say, space)
+        strength = strength_of(bench, default, cfg, job.edit)
+        picks += calibrate(study, bench, picks, default, strength, cfg, job.edit, say, space)
+        picks += refined_trial(study, bench, default, strength, cfg, job.edit, say, space)
         trials = completed(study)
         finalists = confirm(bench, picks, job.edit, say)
         default = next((t for t in finalists if default is not None and t.number == default.number), None)
         seen = len(bench.parts["trial"].harmful) + len(bench.parts["confirm"].harmful)
         chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default, 1 / seen)
-        twins = {t.number: t.user_attrs["twin_of"] for t in study.get_trials(deepcopy=False)
-                 if "twin_of" in t.user_attrs}
-        result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate, twins)
+        marked = {k: {t.number: t.user_attrs[k] for t in study.get_trials(deepcopy=False) if k in t.user_attrs}
+                  for k in ("twin_of", "refined")}
+        result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate, marked["twin_of"],
+                         marked["refined"])
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
     return _save(job, cfg, bench, prompts, result, path, default, say, study)
