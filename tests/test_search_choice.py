@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.edit.search_choice import Scored, choose, finalists_of, weaker
+from pipeline.edit.search_choice import Scored, choose, clearly_cheaper, finalists_of, weaker
 
 
 def _s(number: int, refusal: float, kl: float) -> Scored:
@@ -37,3 +37,23 @@ def test_finalists_include_the_plain_edits_lowest_kl_peers():
     assert [t.number for t in picks] == [3, 5, 4, 1, 0]  # two of the front, two peers, then the plain edit
     assert [t.number for t in finalists_of(front, trials, None, limit=0.066, n=2)] == [3, 5]
     assert len({t.number for t in finalists_of(front, trials, plain, 0.066, n=8)}) == len(trials)
+
+
+def _with_kls(number: int, kls: list[float]) -> Scored:
+    return Scored(number, 0.05, sum(kls) / len(kls), {}, {}, likelihood=0.45, kl_prompts=tuple(kls))
+
+
+def test_only_a_kl_lower_beyond_the_per_prompt_noise_replaces_the_plain_edit():
+    base = [0.03 + 0.06 * ((7 * i) % 32) / 31 for i in range(32)]  # per-prompt KLs vary 3-fold, as on Qwen2.5
+    plain = _with_kls(0, base)
+    # 1% lower on average, but 0.02 up or down on each prompt; and 10% lower on every prompt
+    noisy = _with_kls(1, [k - (0.0206 if i % 2 else -0.0194) for i, k in enumerate(base)])
+    steady = _with_kls(2, [k * 0.9 for k in base])
+    assert noisy.kl < plain.kl and steady.kl < noisy.kl
+    assert not clearly_cheaper(noisy, plain) and clearly_cheaper(steady, plain)
+    best, rule = choose([plain, noisy], base_rate=1.0, target=0.1, default=plain)
+    assert best.number == 0 and "within the per-prompt noise" in rule
+    best, rule = choose([plain, noisy, steady], base_rate=1.0, target=0.1, default=plain)
+    assert best.number == 2
+    assert clearly_cheaper(noisy, None) and clearly_cheaper(plain, plain)  # nothing to compare with
+    assert clearly_cheaper(_s(3, 0.05, 0.001), plain) and not clearly_cheaper(_s(4, 0.05, 0.9), plain)  # means

@@ -223,7 +223,7 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
         refusal = (t.refusal * n1 + refusal_of(results) * n2) / (n1 + n2)
         kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
         likelihood = results["refusal_likelihood"]
-        out.append(t.rescored(refusal, kl, likelihood))
+        out.append(t.rescored(refusal, kl, likelihood, results["kl_prompts"]))
         shown = "n/a" if likelihood is None else f"{likelihood:.4f}"
         say(f"confirming trial {t.number} on {n1 + n2} prompts: refusal {t.refusal:.1%} -> {refusal:.1%}, "
             f"KL {t.kl:.4f} -> {kl:.4f}, refusal likelihood {shown}")

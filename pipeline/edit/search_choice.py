@@ -4,7 +4,8 @@ Refusal counts on a few dozen prompts move in steps of one prompt, so a weaker e
 edit on the prompts the search saw and refuse more on the next ones. Finalists therefore carry their
 *refusal likelihood* too (`pipeline.evaluation.likelihood`: how readily the edited model still starts the
 base model's refusals, a continuous measure); where the plain edit is a candidate, only an edit no weaker than
-it by that measure can replace it.
+it by that measure can replace it, and only when its KL is lower beyond the noise of the prompts it was
+measured on (`clearly_cheaper`, a paired comparison per prompt).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ class Scored:  # one completed trial
     params: dict[str, Any]
     layer: dict[str, Any]  # the layer info of the direction (resolve_layer's dict)
     likelihood: float | None = None  # refusal likelihood on the prompts seen (finalists only)
+    kl_prompts: tuple[float, ...] = ()  # first-token KL per harmless prompt seen (finalists only)
 
-    def rescored(self, refusal: float, kl: float, likelihood: float | None) -> Scored:
-        return replace(self, refusal=refusal, kl=kl, likelihood=likelihood)
+    def rescored(self, refusal: float, kl: float, likelihood: float | None,
+                 kl_prompts: tuple[float, ...] = ()) -> Scored:
+        return replace(self, refusal=refusal, kl=kl, likelihood=likelihood, kl_prompts=tuple(kl_prompts))
 
 
 def rank(trials: list[Scored], limit: float) -> list[Scored]:
@@ -58,12 +61,31 @@ def weaker(t: Scored, default: Scored | None) -> bool:
     return t.likelihood > default.likelihood + EPS
 
 
+# One-sided 95% normal quantile: a finalist replaces the plain edit only when its KL is lower with that confidence.
+KL_EVIDENCE = 1.645
+
+
+def clearly_cheaper(t: Scored, default: Scored | None, z: float = KL_EVIDENCE) -> bool:
+    """Whether ``t``'s KL is lower than the plain edit's beyond the noise of the prompts it was measured on: the
+    mean of the paired per-prompt differences exceeds ``z`` standard errors (on Qwen2.5 a finalist 1% lower on
+    the 32 prompts seen was 3% higher on the test prompts). Without per-prompt KLs, the means decide."""
+    if default is None or t.number == default.number:
+        return True
+    if not t.kl_prompts or len(t.kl_prompts) != len(default.kl_prompts):
+        return t.kl < default.kl
+    diff = [a - b for a, b in zip(default.kl_prompts, t.kl_prompts, strict=True)]
+    n = len(diff)
+    mean = sum(diff) / n
+    spread = (sum((x - mean) ** 2 for x in diff) / max(1, n - 1)) ** 0.5
+    return mean > z * spread / n**0.5 if n > 1 else mean > 0
+
+
 def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
            default: Scored | None = None, slack: float = 0.0) -> tuple[Scored, str]:
     """The chosen trial and the rule that chose it, in words. With the plain edit's score (``default``)
     at or below the target, nothing refusing more than it (plus ``slack``: one prompt's worth, the noise
     floor of the count) can be chosen: the search does not trade refusals for KL against the plain edit.
-    Nothing `weaker` than the plain edit replaces it."""
+    Nothing `weaker` than the plain edit replaces it, nor anything not `clearly_cheaper`."""
     if not trials:
         raise UserError("the study holds no completed trial to choose from: run more --trials")
     pool = [t for t in trials if (max_kl is None or t.kl <= max_kl) and not weaker(t, default)] or trials
@@ -73,7 +95,9 @@ def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float 
     limit = target * base_rate
     if default is not None and default.refusal <= limit + EPS:
         cap = min(limit, default.refusal + slack)
-        ok = [t for t in pool if t.refusal <= cap + EPS] or [default]
+        ok = [t for t in pool if t.refusal <= cap + EPS and clearly_cheaper(t, default)] or [default]
+        if any(t.refusal <= cap + EPS and t.kl < default.kl and not clearly_cheaper(t, default) for t in pool):
+            kl_note += ", none whose lower KL is within the per-prompt noise"
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
         return best, (f"lowest KL among {len(ok)} finalists refusing at most {cap:.1%} (the plain edit's "
                       f"{default.refusal:.1%}{f' + {slack:.1%}' if slack else ''}, within the target "

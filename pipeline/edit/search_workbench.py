@@ -23,6 +23,7 @@ from pipeline.evaluation.evaluate import (
     first_token_logprobs,
     is_refusal,
     kl_divergence,
+    kl_per_prompt,
     markers_for,
     require_base_refusals,
 )
@@ -121,19 +122,25 @@ class Workbench:
 
     def run(self, edit: EditConfig, spec: str, part: str = "trial", likelihood: bool = False) -> tuple[dict, dict]:
         """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
-        ``likelihood``, the results hold its refusal likelihood on the prompts seen too."""
+        ``likelihood``, the results hold its refusal likelihood and per-prompt KL on the prompts seen too."""
         with self.applied(edit, spec) as layer:
             began = time.monotonic()
             results = self.evaluate(part)
             self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
             if likelihood:
-                results["refusal_likelihood"] = self.likelihood()
+                results["refusal_likelihood"], results["kl_prompts"] = self.likelihood(), self.kls()
         return results, layer
 
     def likelihood(self) -> float | None:
         """The model's refusal likelihood on the base's refusals of the prompts the search sees."""
         return refusal_likelihood(self.model, self.tokenizer, *self.refusals, prefill_think=self.eval_cfg.prefill_think,
                                   batch_size=self.eval_cfg.batch_size)
+
+    def kls(self) -> tuple[float, ...]:
+        """First-token KL of the model as it is now, per harmless prompt seen (for paired comparisons)."""
+        logprobs = first_token_logprobs(self.model, self.tokenizer, self.seen_harmless, self.eval_cfg.batch_size,
+                                        self.eval_cfg.prefill_think)
+        return tuple(round(float(x), 7) for x in kl_per_prompt(self.seen_logprobs, logprobs))
 
     def probe(self, edit: EditConfig, spec: str) -> tuple[float | None, float]:
         """(refusal likelihood, first-token KL) of an edit on the prompts the search sees, without generating."""

@@ -286,13 +286,18 @@ def first_token_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], bat
 
 def kl_divergence(base_logprobs: Any, logprobs: Any) -> float:
     """Mean over prompts of KL(base || model) over the full vocabulary."""
+    return max(0.0, float(kl_per_prompt(base_logprobs, logprobs).mean()))
+
+
+def kl_per_prompt(base_logprobs: Any, logprobs: Any) -> Any:
+    """KL(base || model) over the full vocabulary, one value per prompt (float64)."""
     if base_logprobs.shape != logprobs.shape:
         raise UserError(
             f"base and model give logits of different shapes ({tuple(base_logprobs.shape)} vs "
             f"{tuple(logprobs.shape)}): KL needs the same tokenizer and prompts; pass the right --base"
         )
     log_p, log_q = base_logprobs.double(), logprobs.double()
-    return max(0.0, float((log_p.exp() * (log_p - log_q)).sum(-1).mean()))
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def check_same_tokenizer(tok_a: Any, tok_b: Any) -> None:
