@@ -339,9 +339,13 @@ def test_automatic_search_shows_the_pareto_chart_and_what_it_chose(app, hub):
     log_text, summary, chart = out[0], out[3], out[6]
     assert Path(chart).is_file() and Path(chart).stat().st_size > 1000
     assert "**Chosen by the search:** trial " in summary and "of the depth" in summary
-    trials = [line for line in log_text.splitlines() if line.startswith("trial ")]
+    numbered = [line for line in log_text.splitlines() if line.startswith("trial ")]
+    trials = [line for line in numbered if line.split(":")[0].endswith(" of 2)")]
     assert [line.split(":")[0] for line in trials] == ["trial 0 (1 of 2)", "trial 1 (2 of 2)"]
     assert all("best so far: trial" in line for line in trials)
+    extra = [line for line in numbered if line not in trials]  # the twins and the refined plain edit, each named
+    assert all("a little stronger than the plain edit" in line or "the plain edit refined (" in line
+               for line in extra), extra
     assert "|---|" not in log_text and ".journal" not in log_text
 
 
