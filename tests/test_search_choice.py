@@ -57,3 +57,23 @@ def test_only_a_kl_lower_beyond_the_per_prompt_noise_replaces_the_plain_edit():
     assert best.number == 2
     assert clearly_cheaper(noisy, None) and clearly_cheaper(plain, plain)  # nothing to compare with
     assert clearly_cheaper(_s(3, 0.05, 0.001), plain) and not clearly_cheaper(_s(4, 0.05, 0.9), plain)  # means
+
+
+def test_a_plain_edit_one_prompt_above_the_target_is_not_traded_for_a_stronger_costlier_edit():
+    # Scores on the 32 prompts seen, as on Qwen2.5: target 6.6%, the plain edit refuses 3 (9.4%), one prompt above.
+    kls = [0.02 + 0.04 * ((5 * i) % 32) / 31 for i in range(32)]
+
+    def trial(number: int, refused: int, scale: float) -> Scored:
+        return Scored(number, refused / 32, sum(kls) * scale / 32, {}, {}, likelihood=0.52,
+                      kl_prompts=tuple(k * scale for k in kls))
+
+    plain, stronger, cheaper, loose = trial(0, 3, 1.0), trial(1, 2, 1.1), trial(2, 3, 0.9), trial(3, 4, 0.8)
+    kw = {"base_rate": 0.656, "target": 0.1, "slack": 1 / 32}
+    best, rule = choose([plain, stronger], default=plain, **kw)
+    assert best.number == 0 and "within one prompt of the target 6.6%" in rule
+    best, _ = choose([plain, stronger, cheaper, loose], default=plain, **kw)
+    assert best.number == 2  # as many refusals, clearly less KL; trial 3 refuses more than the plain edit
+    best, _ = choose([plain, stronger], default=plain, **(kw | {"slack": 0.0}))
+    assert best.number == 1  # without the count's noise to allow for, the target is reached by the stronger edit
+    best, _ = choose([trial(0, 4, 1.0), stronger], default=trial(0, 4, 1.0), **kw)
+    assert best.number == 1  # two prompts above the target: the plain edit does not hold the others back

@@ -88,11 +88,14 @@ class SearchConfig(BaseModel):
         "it is a little stronger than the plain edit by refusal likelihood (a new trial each): a lower KL is most "
         "often a weaker edit.")
     twin_margin: float = Field(
-        0.05, ge=0, le=1, description="How much stronger than the plain edit twins and the refined edit are made: "
-        "this share of the way the plain edit moved the refusal likelihood down from the base model's.")
+        0.05, ge=0, le=1, description="How much stronger than the plain edit twins are made: this share of the way "
+        "the plain edit moved the refusal likelihood down from the base model's.")
+    refine_margin: float = Field(
+        0.0, ge=0, le=1, description="As --twin-margin, for the refined edit. 0: at the plain edit's own strength "
+        "(never weaker: a matched edit lands at or below its refusal likelihood), so it competes on KL alone.")
     refine: int = Field(
-        2, ge=0, description="Rounds of refining the plain edit at the twins' strength: each round tries every small "
-        "move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
+        2, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
+        "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
         "likelihood (forward passes, no generation) and keeps the one with the least KL; the result runs as one "
         "more trial. 0: off.")
 
@@ -231,15 +234,18 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
 
 
 @dataclass(frozen=True)
-class Strength:  # the strength finalists are raised to and refinement works at
+class Strength:  # the strengths finalists are raised to and refinement works at
     target: float  # refusal likelihood on the prompts seen: the plain edit's, less the twin margin
-    tol: float  # how far below the target a matched edit may land
+    tol: float  # how far below a target a matched edit may land
     plain_kl: float  # the plain edit's KL on the harmless prompts seen (probe)
+    plain: float  # the plain edit's refusal likelihood there (probe)
+    refine_target: float  # the plain edit's, less the refine margin
 
 
 def strength_of(bench: Workbench, default: Scored | None, cfg: SearchConfig, base: EditConfig) -> Strength | None:
     """A little stronger than the plain edit (``cfg.twin_margin`` of the way it moved the refusal likelihood from
-    the base model's): an edit matched to it exactly ties on the mean and flips a coin on each borderline prompt."""
+    the base model's): an edit matched to it exactly ties on the mean and flips a coin on each borderline prompt.
+    Refinement works at ``cfg.refine_margin``: its moves compete with the plain edit on KL at its strength."""
     if default is None:
         return None
     plain, plain_kl = bench.probe(*to_edit(default.params, base, bench.centre))
@@ -247,7 +253,7 @@ def strength_of(bench: Workbench, default: Scored | None, cfg: SearchConfig, bas
     if plain is None or unedited is None:
         return None
     moved = max(0.0, unedited - plain)
-    return Strength(plain - cfg.twin_margin * moved, 0.02 * moved, plain_kl)
+    return Strength(plain - cfg.twin_margin * moved, 0.02 * moved, plain_kl, plain, plain - cfg.refine_margin * moved)
 
 
 def run_enqueued(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig, params: dict[str, Any],
@@ -285,10 +291,10 @@ def refined_trial(study: Any, bench: Workbench, default: Scored | None, strength
     done = [_scored(t) for t in study.get_trials(deepcopy=False) if "refined" in t.user_attrs and t.values]
     if done or default is None or strength is None or cfg.refine < 1:
         return done
-    say(f"refining the plain edit at its strength (refusal likelihood {strength.target:.4f}), "
+    say(f"refining the plain edit at its strength (refusal likelihood {strength.refine_target:.4f}), "
         f"up to {cfg.refine} rounds")
-    found = refine(bench, default.params, base, strength.target, strength.tol, cfg.refine, cfg.search_method,
-                   say=say)
+    found = refine(bench, default.params, base, strength.refine_target, strength.tol, cfg.refine, cfg.search_method,
+                   say=say, first=(strength.plain, strength.plain_kl))
     if found is None or found.matched.kl >= strength.plain_kl:
         say("refining: no move keeps less KL at the plain edit's strength")
         return []

@@ -85,7 +85,10 @@ def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float 
     """The chosen trial and the rule that chose it, in words. With the plain edit's score (``default``)
     at or below the target, nothing refusing more than it (plus ``slack``: one prompt's worth, the noise
     floor of the count) can be chosen: the search does not trade refusals for KL against the plain edit.
-    Nothing `weaker` than the plain edit replaces it, nor anything not `clearly_cheaper`."""
+    With it above the target by no more than ``slack``, nothing refusing more than it can be chosen either,
+    and it is not traded for a stronger edit of higher KL: one prompt fewer is within the count's noise (on
+    Qwen2.5 such a trial refused 2 of the 32 prompts seen to the plain edit's 3, and as many of the test
+    prompts at 3% more KL). Nothing `weaker` than the plain edit replaces it, nor anything not `clearly_cheaper`."""
     if not trials:
         raise UserError("the study holds no completed trial to choose from: run more --trials")
     pool = [t for t in trials if (max_kl is None or t.kl <= max_kl) and not weaker(t, default)] or trials
@@ -93,15 +96,16 @@ def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float 
     if default is not None and any(weaker(t, default) for t in trials):
         kl_note += f", none weaker than the plain edit (refusal likelihood ≤ {default.likelihood:.4f})"
     limit = target * base_rate
-    if default is not None and default.refusal <= limit + EPS:
-        cap = min(limit, default.refusal + slack)
+    if default is not None and default.refusal <= limit + slack + EPS:
+        within = default.refusal <= limit + EPS
+        cap = min(limit, default.refusal + slack) if within else default.refusal
         ok = [t for t in pool if t.refusal <= cap + EPS and clearly_cheaper(t, default)] or [default]
         if any(t.refusal <= cap + EPS and t.kl < default.kl and not clearly_cheaper(t, default) for t in pool):
             kl_note += ", none whose lower KL is within the per-prompt noise"
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))
-        return best, (f"lowest KL among {len(ok)} finalists refusing at most {cap:.1%} (the plain edit's "
-                      f"{default.refusal:.1%}{f' + {slack:.1%}' if slack else ''}, within the target "
-                      f"{limit:.1%})" + kl_note)
+        where = (f"the plain edit's {default.refusal:.1%}{f' + {slack:.1%}' if slack else ''}, within the target "
+                 f"{limit:.1%}" if within else f"the plain edit's, within one prompt of the target {limit:.1%}")
+        return best, f"lowest KL among {len(ok)} finalists refusing at most {cap:.1%} ({where})" + kl_note
     ok = [t for t in pool if t.refusal <= limit + EPS]
     if ok:
         best = min(ok, key=lambda t: (t.kl, t.refusal, t.number))

@@ -118,14 +118,15 @@ class Refined:
 
 
 def refine(bench: Workbench, start: dict[str, Any], base: EditConfig, target: float, tol: float, rounds: int,
-           search_method: bool, min_gain: float = 0.01, say: Callable[[str], Any] | None = None) -> Refined | None:
+           search_method: bool, min_gain: float = 0.01, say: Callable[[str], Any] | None = None,
+           first: tuple[float | None, float] | None = None) -> Refined | None:
     """Greedy descent on KL at the strength ``target``, from ``start``: each round, every move matched to the
     target, and the one with the least KL taken while it gains at least ``min_gain`` (relative) over the current
-    edit. None when ``start`` cannot be matched or no move gains."""
-    first = match_strength(bench, start, base, target, tol)
-    if first is None:
+    edit. None when ``start`` cannot be matched or no move gains. ``first``: the probe of ``start``, if made."""
+    matched = match_strength(bench, start, base, target, tol, first=first)
+    if matched is None:
         return None
-    current, now, path = scaled(start, first.factor), first, ()
+    current, now, path = scaled(start, matched.factor), matched, ()
     for _ in range(rounds):
         tried = []
         for name, params in moves_from(current, search_method):
@@ -141,4 +142,4 @@ def refine(bench: Workbench, start: dict[str, Any], base: EditConfig, target: fl
         if kl > now.kl * (1 - min_gain):
             break
         current, now, path = params, found, (*path, name)
-    return Refined(current, first, now, path) if path else None
+    return Refined(current, matched, now, path) if path else None
