@@ -133,8 +133,10 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     assert report["chosen_trial"] in finalists <= front | peers | set(twins) | set(refined) and 0 in finalists
     assert set(twins.values()) <= finalists
     rescored = {t["number"]: t for t in report["finalists"]}
-    for number in [*twins, *refined]:  # a little past the plain edit's strength
+    for number in twins:  # a little past the plain edit's strength
         assert rescored[number]["likelihood"] < rescored[0]["likelihood"]
+    for number in refined:  # at its strength, never weaker
+        assert rescored[number]["likelihood"] <= rescored[0]["likelihood"] + 1e-9
     assert "| trial |" in report["table"]
     edited = AutoModelForCausalLM.from_pretrained(out)
     assert edited.config.num_hidden_layers == 6
@@ -399,7 +401,7 @@ def test_card_compares_the_chosen_and_plain_edits_on_the_test_part(searched, tmp
 def test_the_plain_edit_refined_at_its_strength_joins_the_finalists_once(tmp_path, demo_loaded, demo_d):
     """At the plain edit's own strength (no margin) the demo's plain edit has moves that keep less KL."""
     before, study, lines = _snapshot(demo_loaded.model), tmp_path / "r.journal", []
-    cfg = SearchConfig(trials=2, study=study, twin_margin=0.0, refine=1, neighbours=False)
+    cfg = SearchConfig(trials=2, study=study, twins=False, refine=1, neighbours=False)
     job = AbliterateJob(model="demo", out=tmp_path / "a", eval=FAST.model_copy(update={"perplexity": False}))
     first = search(job, cfg, lines.append, demo_loaded, demo_d)["search"]
     (number, moves), = first["refined"].items()
