@@ -94,10 +94,11 @@ class SearchConfig(BaseModel):
         0.0, ge=0, le=1, description="As --twin-margin, for the refined edit. 0: at the plain edit's own strength "
         "(never weaker: a matched edit lands at or below its refusal likelihood), so it competes on KL alone.")
     refine: int = Field(
-        2, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
+        0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
         "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
         "likelihood (forward passes, no generation) and keeps the one with the least KL; the result runs as one "
-        "more trial. 0: off.")
+        "more trial. 0 (default): off. On Qwen2.5 its 7.5% lower KL on the 32 harmless prompts seen was 0.3% on "
+        "231 others (bench/bench_kl_holdout.py): a few dozen prompts cannot rank shapes this close.")
 
 
 @contextmanager
