@@ -56,14 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--harmless", type=int, default=128, help="harmless prompts B is measured from")
     args = parser.parse_args(argv)
 
-    import torch
-
     from pipeline.edit import directions as dirs
     from pipeline.edit import stages
-    from pipeline.edit.abliterate import EditConfig, apply_in_memory
-    from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+    from pipeline.edit.abliterate import EditConfig
     from pipeline.edit.search import SearchConfig
     from pipeline.edit.search_space import from_edit, scaled, to_edit
+    from pipeline.edit.selection import WeightEdits
     from pipeline.evaluation.evaluate import (
         EvalConfig,
         classify,
@@ -91,21 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
     measured = time.perf_counter()
     b = dirs.measure(m, tok, p["measure_harmful"], p["measure_harmless"], dirs.DirectionsConfig())
     measure_s = time.perf_counter() - measured
-    n_layers, model_type = num_layers_of(m.config), model_type_of(m.config)
-    params = dict(m.named_parameters())
-    saved = {w.name: params[w.name].detach().clone() for w in find_writers(model_type, params)}
+    edits = WeightEdits(m, EditConfig())
 
     def probe(d: dirs.Directions, values: dict, factor: float = 1.0) -> tuple[float, list[float]]:
         edit, spec = to_edit(scaled(values, factor), EditConfig(), d.suggested_layer / max(1, d.num_layers - 1))
-        direction, _, edit = stages.chosen_direction(d, spec, edit)
-        try:
-            apply_in_memory(m, direction, edit, n_layers, model_type)
+        direction, _, edit = stages.chosen_direction(d, spec, edit)  # kernels placed: `applied` keeps them
+        with edits.applied(direction, d.suggested_layer, edit):
             likelihood = refusal_likelihood(m, tok, [q for q, _ in said], [r for _, r in said])
             return likelihood, kl_per_prompt(base, first_token_logprobs(m, tok, kl_prompts)).tolist()
-        finally:
-            with torch.no_grad():
-                for name, t in saved.items():
-                    params[name].data.copy_(t)
 
     plain = {k: from_edit(stages.default_edit(d, "best", EditConfig()), d, SearchConfig())
              for k, d in (("a", a), ("b", b))}

@@ -25,11 +25,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def paired(plain: list[float], other: list[float]) -> dict[str, float]:
-    """Mean KLs, the relative change and the paired z (mean difference over its standard error)."""
-    diff = [a - b for a, b in zip(plain, other, strict=True)]
-    n = len(diff)
-    mean = sum(diff) / n
-    se = (sum((x - mean) ** 2 for x in diff) / max(1, n - 1)) ** 0.5 / n**0.5
+    """Mean KLs, the relative change and the paired z (mean difference over its standard error), as
+    `search_choice.clearly_cheaper` weighs them."""
+    from pipeline.edit.search_choice import paired_difference
+
+    n = len(plain)
+    mean, se = paired_difference(plain, other)
     return {"n": n, "plain": sum(plain) / n, "kl": sum(other) / n, "change": -mean / (sum(plain) / n),
             "z": mean / se if se else 0.0}
 
@@ -52,13 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--directions", type=Path, default=RESULTS / "real-out", help="the directions it used")
     args = parser.parse_args(argv)
 
-    import torch
-
     from pipeline.edit import directions as dirs
     from pipeline.edit import stages
-    from pipeline.edit.abliterate import EditConfig, apply_in_memory
-    from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+    from pipeline.edit.abliterate import EditConfig
     from pipeline.edit.search_space import to_edit
+    from pipeline.edit.selection import WeightEdits
     from pipeline.evaluation.evaluate import first_token_logprobs, kl_per_prompt
     from pipeline.io.loading import load_model
 
@@ -74,20 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     pools = unseen_harmless(model)
     base = {k: first_token_logprobs(m, tok, v) for k, v in pools.items()}
     centre = d.suggested_layer / max(1, d.num_layers - 1)
-    n_layers, model_type = num_layers_of(m.config), model_type_of(m.config)
-    params = dict(m.named_parameters())
-    saved = {w.name: params[w.name].detach().clone() for w in find_writers(model_type, params)}
+    edits = WeightEdits(m, EditConfig())
 
     def kls(values: dict) -> list[float]:
         edit, spec = to_edit(values, EditConfig(), centre)
-        direction, _, edit = stages.chosen_direction(d, spec, edit)
-        try:
-            apply_in_memory(m, direction, edit, n_layers, model_type)
+        direction, _, edit = stages.chosen_direction(d, spec, edit)  # kernels placed: `applied` keeps them
+        with edits.applied(direction, d.suggested_layer, edit):
             return [x for k in pools for x in kl_per_prompt(base[k], first_token_logprobs(m, tok, pools[k])).tolist()]
-        finally:
-            with torch.no_grad():
-                for name, p in saved.items():
-                    params[name].data.copy_(p)
 
     plain = kls(finalists[0]["params"])
     rows = {}

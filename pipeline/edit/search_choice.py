@@ -10,6 +10,7 @@ measured on (`clearly_cheaper`, a paired comparison per prompt).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,11 +74,17 @@ def clearly_cheaper(t: Scored, default: Scored | None, z: float = KL_EVIDENCE) -
         return True
     if not t.kl_prompts or len(t.kl_prompts) != len(default.kl_prompts):
         return t.kl < default.kl
-    diff = [a - b for a, b in zip(default.kl_prompts, t.kl_prompts, strict=True)]
+    mean, se = paired_difference(default.kl_prompts, t.kl_prompts)
+    return mean > z * se if len(t.kl_prompts) > 1 else mean > 0
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """The mean of the per-prompt differences ``a - b`` and its standard error (0 for a single prompt)."""
+    diff = [x - y for x, y in zip(a, b, strict=True)]
     n = len(diff)
     mean = sum(diff) / n
     spread = (sum((x - mean) ** 2 for x in diff) / max(1, n - 1)) ** 0.5
-    return mean > z * spread / n**0.5 if n > 1 else mean > 0
+    return mean, spread / n**0.5 if n > 1 else 0.0
 
 
 def choose(trials: list[Scored], base_rate: float, target: float, max_kl: float | None = None,
