@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen, plain = s["chosen_on_test"], s["plain_edit_on_test"]
     beats = chosen["refusal"] <= plain["refusal"] and chosen["kl"] < plain["kl"]
     same = s["chosen_trial"] == 0
+    measured = s.get("directions", {})
+    froms = [f"{k} from {v['harmful']}/{v['harmless']} prompts" for k, v in measured.items() if k != "chosen"]
+    print(f"directions: {', '.join(froms)}; the chosen trial removes the {measured.get('chosen')} ones")
     refined = {int(k): v for k, v in s.get("refined", {}).items()}
     if refined:
         print(f"refined trials (the plain edit at its strength, moved): {refined}")

@@ -1,9 +1,9 @@
 """Automatic search over edit parameters: Optuna multi-objective TPE on (refusal rate, KL divergence).
 
-Load and measure once; each trial samples an edit (layer fraction or per-layer directions, method, a kernel
-per component), applies it in place, evaluates it against one base reference and restores the residual
-writers from a copy taken once: a trial costs one evaluation, never a load. The study lives in a journal
-file (re-running continues it).
+Load and measure once; each trial samples an edit (the chain's directions or the search's own from more
+prompts, layer fraction or per-layer directions, method, a kernel per component), applies it in place,
+evaluates it against one base reference and restores the residual writers from a copy taken once: a trial costs
+one evaluation, never a load. The study lives in a journal file (re-running continues it).
 
 The evaluation prompts are split three ways, so the numbers reported are not the ones the choice was made on:
 trials are scored on the *trial* part; the best few Pareto trials and the plain edit (trial 0) are re-scored
@@ -36,8 +36,8 @@ from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search_choice import Scored, choose, finalists_of, rank
 from pipeline.edit.search_refine import refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
-from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest, to_edit
-from pipeline.edit.search_workbench import Part, Workbench, split_parts
+from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
+from pipeline.edit.search_workbench import Part, Workbench, split_parts, wider_prompts
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig, reference
 from pipeline.io.loading import Loaded, load_model
@@ -93,6 +93,13 @@ class SearchConfig(BaseModel):
     refine_margin: float = Field(
         0.0, ge=0, le=1, description="As --twin-margin, for the refined edit. 0: at the plain edit's own strength "
         "(never weaker: a matched edit lands at or below its refusal likelihood), so it competes on KL alone.")
+    wide_prompts: int = Field(
+        256, ge=0, description="Also measure refusal directions from up to this many prompts per class (every prompt "
+        "of the same sets outside the evaluation prompts; the harmless ones the chain did not measure are shared "
+        "between this measurement and the confirm part's KL) and let trials remove them instead of the chain's. At "
+        "the plain edit's strength, Qwen2.5's direction from 248/128 prompts kept 22% less KL on unseen harmless "
+        "prompts than its 64/64 one (bench/bench_direction_prompts.py). The plain edit keeps the chain's. 0: off; "
+        "nothing is measured when the chain already took every prompt (the demo).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
         "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
@@ -173,7 +180,7 @@ def run_trials(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig
         trial = study.ask()
         try:
             params = space(trial, cfg, base)
-            results, layer = bench.run(*to_edit(params, base, bench.centre))
+            results, layer = bench.run(*bench.edit_of(params, base))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -223,7 +230,7 @@ def confirm(bench: Workbench, finalists: list[Scored], base: EditConfig, say: Pr
     m1, m2 = len(trial.harmless), len(more.harmless)
     out = []
     for t in finalists:
-        results, _ = bench.run(*to_edit(t.params, base, bench.centre), part="confirm", likelihood=True)
+        results, _ = bench.run(*bench.edit_of(t.params, base), part="confirm", likelihood=True)
         refusal = (t.refusal * n1 + refusal_of(results) * n2) / (n1 + n2)
         kl = (t.kl * m1 + results["kl_divergence"] * m2) / (m1 + m2)
         likelihood = results["refusal_likelihood"]
@@ -249,7 +256,7 @@ def strength_of(bench: Workbench, default: Scored | None, cfg: SearchConfig, bas
     Refinement works at ``cfg.refine_margin``: its moves compete with the plain edit on KL at its strength."""
     if default is None:
         return None
-    plain, plain_kl = bench.probe(*to_edit(default.params, base, bench.centre))
+    plain, plain_kl = bench.probe(*bench.edit_of(default.params, base))
     unedited = bench.likelihood()
     if plain is None or unedited is None:
         return None
@@ -343,8 +350,9 @@ def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
 
 
 def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: dirs.Directions | None,
-             say: Progress) -> tuple[Any, Workbench, stages.Prompts, Path]:
-    """Prompts, study (checked early), model, directions, base references: everything the trials need."""
+             say: Progress) -> tuple[Any, Workbench, dict[str, stages.Prompts], Path]:
+    """Prompts (per direction source: what measured it), study (checked early), model, directions, base
+    references: everything the trials need."""
     _check_job(job, cfg)
     eval_cfg = job.eval or EvalConfig()
     prompts = stages.resolve_prompts(job.model, job.prompts)
@@ -356,7 +364,7 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
              "embed_strength": job.edit.embed_strength, "per_set": job.edit.per_set}
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
                "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
-               "search space": space, "test_fraction": cfg.test_fraction}
+               "search space": space, "test_fraction": cfg.test_fraction, "wide_prompts": cfg.wide_prompts}
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -366,6 +374,14 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     elif d is None:
         say("measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
+    more = wider_prompts(job.model, job.prompts, prompts, cfg.wide_prompts) if cfg.wide_prompts else None
+    wide, pool = None, ()
+    if more is not None:
+        say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
+            f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
+        wide, pool = stages.measure_directions(loaded, more[0], job.measure, job.edit, say), more[1]
+        harmful, harmless, groups = split["confirm"]
+        split["confirm"] = (harmful, harmless + pool, groups)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = {}
@@ -373,8 +389,8 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         cfg_part = eval_cfg if name == "test" else eval_cfg.model_copy(update={"perplexity": False})
         ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, cfg_part, model_id=job.model)
         parts[name] = Part(harmful, harmless, groups, ref)
-    bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0)
-    return study, bench, prompts, path
+    bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0, wide=wide)
+    return study, bench, {"chain": prompts} | ({"wide": more[0]} if more else {}), path
 
 
 def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = print,
@@ -386,11 +402,10 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     say = progress or log.info
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
+        if "wide" not in bench.sources:  # nothing more to measure from: trials remove the chain's directions
+            cfg = cfg.model_copy(update={"wide_prompts": 0})
         if cfg.start_from_default and not study.trials:
-            plain = from_edit(stages.default_edit(bench.d, "best", job.edit), bench.d, cfg)
-            study.enqueue_trial(plain, user_attrs={"default": True})
-            for variant in (neighbours(plain, cfg) if cfg.neighbours else [])[:cfg.trials - 1]:  # none left waiting
-                study.enqueue_trial(variant, user_attrs={"neighbour": True})
+            enqueue_start(study, bench, cfg, job.edit)
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "
             f"base refusal rate {bench.base_rates['trial']:.1%} on the trial part")
         run_trials(study, bench, cfg, job.edit, say, space)
@@ -414,35 +429,53 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     return _save(job, cfg, bench, prompts, result, path, default, say, study)
 
 
+def enqueue_start(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConfig) -> None:
+    """The first trials of a new study: the plain edit, then its near variants (`neighbours`). With the search's
+    own directions, the variants remove those, after the plain edit made with them: a better-measured direction
+    gains more than any shape near the plain edit (bench/README.md)."""
+    plain = from_edit(stages.default_edit(bench.d, "best", base), bench.d, cfg)
+    study.enqueue_trial(plain, user_attrs={"default": True})
+    near = plain
+    if "wide" in bench.sources:
+        wide = bench.sources["wide"]
+        near = from_edit(stages.default_edit(wide, "best", base), wide, cfg, "wide")
+    variants = ([near] if near is not plain else []) + (neighbours(near, cfg) if cfg.neighbours else [])
+    for variant in variants[:cfg.trials - 1]:  # none left waiting for a later run
+        study.enqueue_trial(variant, user_attrs={"neighbour": True})
+
+
 def _on_test(results: dict) -> dict[str, Any]:
     return {"refusal": results["refusal_rate"]["model"], "kl": results["kl_divergence"],
             "by_set": {k: v["model"] for k, v in (results.get("by_set") or {}).items()}}
 
 
-def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, prompts: stages.Prompts, result: Outcome,
-          path: Path, default: Scored | None, say: Progress, study: Any) -> dict[str, Any]:
-    edit, spec = to_edit(result.chosen.params, job.edit, bench.centre)
-    direction, layer, edit = stages.chosen_direction(bench.d, spec, edit)
+def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, measured: dict[str, stages.Prompts],
+          result: Outcome, path: Path, default: Scored | None, say: Progress, study: Any) -> dict[str, Any]:
+    edit, spec, source = bench.edit_of(result.chosen.params, job.edit)
+    d, prompts = bench.sources[source], measured[source]
+    direction, layer, edit = stages.chosen_direction(d, spec, edit)
     plan = stages.strength_plan(edit, bench.num_layers)
     summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": path.name,  # name only: published
-               "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()}}
+               "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()},
+               "directions": {k: {"harmful": len(p.harmful.measure), "harmless": len(p.harmless.measure)}
+                              for k, p in measured.items()} | {"chosen": source}}
     if default is not None and default.number != result.chosen.number:
         say("evaluating the plain edit on the test prompts, for comparison")
-        plain = to_edit(default.params, job.edit, bench.centre)
+        plain = bench.edit_of(default.params, job.edit)
         summary["plain_edit_on_test"] = _on_test(bench.run(*plain, part="test")[0])
     sources = {k: {"source": getattr(prompts, k).source, "split": "eval (search test part)"}
                for k in ("harmful", "harmless")}
     with staged_folder(job.out, job.overwrite) as tmp, bench.restoring():
         say("saving the chosen edit")
         changed = stages.edit_and_save_in_memory(bench.loaded, direction, edit, tmp)
-        dirs.save(bench.d, tmp)
+        dirs.save(d, tmp)
         stages.plot_strengths(plan, tmp / "strengths.png")
         say("evaluating the chosen edit on the test prompts")
         results = bench.evaluate("test", model_id=str(job.out), base_id=job.model, prompt_sources=sources)
         summary["chosen_on_test"] = _on_test(results)
         if default is not None and default.number == result.chosen.number:
             summary["plain_edit_on_test"] = summary["chosen_on_test"]
-        rec = stages.recipe(job.model, job.load, edit, layer, prompts, plan, bench.d, bench.loaded.source)
+        rec = stages.recipe(job.model, job.load, edit, layer, prompts, plan, d, bench.loaded.source)
         rec = write_recipe(tmp, rec | {"search": summary})
         write_json(tmp / EVAL_FILE, results)
         report = {**summary, "config": cfg.model_dump(mode="json"), "trials_all": [asdict(t) for t in result.trials],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.edit.abliterate import EditConfig
-from pipeline.edit.search_space import KERNEL_SPACE, METHODS, scaled, strength_cap, to_edit
+from pipeline.edit.search_space import KERNEL_SPACE, METHODS, scaled, strength_cap
 from pipeline.edit.search_workbench import Workbench
 
 # a kernel's fields by role, per kind: what a move scales or shifts
@@ -77,7 +77,7 @@ def match_strength(bench: Workbench, params: dict[str, Any], base: EditConfig, t
     target]: secant steps up or down, since the likelihood falls steadily as the weights grow. None when the
     search space's weights cannot get there. ``first``: the probe of ``params`` as they are, if already made."""
     def at(factor: float) -> tuple[float | None, float]:
-        return bench.probe(*to_edit(scaled(params, factor), base, bench.centre))
+        return bench.probe(*bench.edit_of(scaled(params, factor), base))
 
     cap = strength_cap(params)
     f0, (l0, k0) = 1.0, first or at(1.0)
@@ -103,7 +103,7 @@ def match_strength(bench: Workbench, params: dict[str, Any], base: EditConfig, t
 def strengthen(bench: Workbench, params: dict[str, Any], base: EditConfig, target: float,
                tol: float) -> Matched | None:
     """`match_strength` for an edit that is weaker than ``target``; None when it is that strong already."""
-    first = bench.probe(*to_edit(params, base, bench.centre))
+    first = bench.probe(*bench.edit_of(params, base))
     if first[0] is None or first[0] <= target:
         return None
     return match_strength(bench, params, base, target, tol, first=first)

@@ -1,7 +1,8 @@
 """The search space: what a trial samples, and how its parameters become an edit.
 
-A trial picks a method, the direction's layer (a fraction of the depth, interpolated) and a kernel per
-component. Kernels are placed relative to the trial's layer (a shift), so most of the space lies around
+A trial picks a method, whose directions it removes (the chain's, or with `SearchConfig.wide_prompts` the
+search's own, measured from more prompts), the direction's layer (a fraction of the depth, interpolated) and a
+kernel per component. Kernels are placed relative to the trial's layer (a shift), so most of the space lies around
 the layer the direction came from. A new study starts with the plain edit and its near variants
 (`neighbours`), then samples with TPE.
 """
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # search.py imports this module
     from pipeline.edit.search import SearchConfig
 
 METHODS = ("standard", "projected", "norm-preserving")
+SOURCES = ("chain", "wide")  # the chain's directions, or the search's own from more prompts (SearchConfig.wide_prompts)
 LAYER_RANGE = (0.3, 0.9)  # direction layer, as a fraction of depth (interpolated between layers)
 
 # kind -> search parameter -> (low, high, log scale). "shift" places the shape relative to the direction's
@@ -41,6 +43,8 @@ def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
     """Sample one point of the search space into ``trial``; returns its parameters."""
     if cfg.search_method:
         trial.suggest_categorical("method", list(METHODS))
+    if cfg.wide_prompts:
+        trial.suggest_categorical("source", list(SOURCES))
     single = not base.per_layer
     if cfg.search_per_layer:
         single = trial.suggest_categorical("directions", ["single", "per-layer"]) == "single"
@@ -83,9 +87,12 @@ def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool, centre: 
     return out
 
 
-def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
-    """Search-space parameters of a plain edit at the suggested layer (the first trial of a new study)."""
+def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig, source: str = "chain") -> dict[str, Any]:
+    """Search-space parameters of a plain edit at the suggested layer of ``d`` (the first trial of a new study);
+    ``source`` names ``d`` when the search has both (`SOURCES`)."""
     params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
+    if cfg.wide_prompts:
+        params["source"] = source
     if cfg.search_per_layer:
         params["directions"] = "per-layer" if edit.per_layer else "single"
     fraction = d.suggested_layer / max(1, d.num_layers - 1)

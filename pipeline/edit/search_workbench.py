@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig, apply_in_memory
 from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.edit.search_space import to_edit
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (
     EvalConfig,
@@ -66,12 +67,34 @@ def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequenc
     return parts
 
 
+def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prompts, n: int
+                  ) -> tuple[stages.Prompts, tuple[str, ...]] | None:
+    """Prompts for directions measured from more than the chain's ``prompts``: every prompt of the same sets
+    outside the evaluation prompts, up to ``n`` per class. The harmless ones the chain did not measure go
+    alternately to that measurement and to a pool (returned) for the confirm part's KL, so that it ranks
+    finalists on prompts no measurement used. None when there are no more prompts than the chain measured."""
+    more = stages.resolve_prompts(model_id, cfg.model_copy(update={"max_prompts": max(2, n)}))
+    taken = set(prompts.harmless.measure) | set(prompts.harmless.evaluate)
+    rest = [p for p in more.harmless.measure if p not in taken]
+    if len(more.harmful.measure) <= len(prompts.harmful.measure) and not rest:
+        return None
+    harmless = replace(more.harmless, measure=(*prompts.harmless.measure, *rest[0::2]))
+    return replace(more, harmless=harmless), tuple(rest[1::2])
+
+
+def centre_of(d: dirs.Directions) -> float:
+    """The suggested layer as a fraction of the depth: where per-layer trials centre their kernels."""
+    return d.suggested_layer / max(1, d.num_layers - 1)
+
+
 class Workbench:
-    """The loaded model with the base side of each prompt part; edits are applied in place and reverted exactly."""
+    """The loaded model with the base side of each prompt part; edits are applied in place and reverted exactly.
+    ``wide``: directions measured from more prompts, which trials whose ``source`` is "wide" remove."""
 
     def __init__(self, loaded: Loaded, d: dirs.Directions, parts: dict[str, Part], eval_cfg: EvalConfig,
-                 embed: bool = False) -> None:
+                 embed: bool = False, wide: dirs.Directions | None = None) -> None:
         self.model, self.tokenizer, self.d, self.parts = loaded.model, loaded.tokenizer, d, parts
+        self.sources = {"chain": d} | ({"wide": wide} if wide is not None else {})
         self.loaded = loaded
         self.eval_cfg = eval_cfg
         self.trial_cfg = eval_cfg.model_copy(update={"perplexity": False})  # perplexity: chosen edit only
@@ -89,7 +112,7 @@ class Workbench:
         self.seen_logprobs = torch.cat([parts[k].ref.logprobs for k in seen])
         config = self.model.config
         self.num_layers, self.model_type = num_layers_of(config), model_type_of(config)
-        self.centre = d.suggested_layer / max(1, d.num_layers - 1)  # where per-layer trials centre kernels
+        self.centre = centre_of(d)
         params = dict(self.model.named_parameters())
         writers = [m for m in find_writers(self.model_type, params) if embed or m.component != "embed"]
         self.params = {m.name: params[m.name] for m in writers}
@@ -112,18 +135,27 @@ class Workbench:
         return evaluate(self.model, self.tokenizer, p.harmful, p.harmless, cfg, base=p.ref, markers=self.markers,
                         groups=p.groups, **kwargs)
 
+    def edit_of(self, params: dict[str, Any], base: EditConfig) -> tuple[EditConfig, str, str]:
+        """(edit, layer spec, direction source) of a trial's parameters."""
+        source = params.get("source", "chain")
+        if source not in self.sources:
+            raise UserError(f"this search has no '{source}' directions: continue the study with the settings it "
+                            "was made with, or choose another --study")
+        return (*to_edit(params, base, centre_of(self.sources[source])), source)
+
     @contextmanager
-    def applied(self, edit: EditConfig, spec: str) -> Iterator[dict]:
+    def applied(self, edit: EditConfig, spec: str, source: str = "chain") -> Iterator[dict]:
         """The edit in place inside (yields its layer info); the base weights again afterwards."""
-        direction, layer, edit = stages.chosen_direction(self.d, spec, edit)
+        direction, layer, edit = stages.chosen_direction(self.sources[source], spec, edit)
         with self.restoring():
             apply_in_memory(self.model, direction, edit, self.num_layers, self.model_type)
             yield layer
 
-    def run(self, edit: EditConfig, spec: str, part: str = "trial", likelihood: bool = False) -> tuple[dict, dict]:
+    def run(self, edit: EditConfig, spec: str, source: str = "chain", part: str = "trial",
+            likelihood: bool = False) -> tuple[dict, dict]:
         """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
         ``likelihood``, the results hold its refusal likelihood and per-prompt KL on the prompts seen too."""
-        with self.applied(edit, spec) as layer:
+        with self.applied(edit, spec, source) as layer:
             began = time.monotonic()
             results = self.evaluate(part)
             self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
@@ -142,9 +174,9 @@ class Workbench:
                                         self.eval_cfg.prefill_think)
         return tuple(round(float(x), 7) for x in kl_per_prompt(self.seen_logprobs, logprobs))
 
-    def probe(self, edit: EditConfig, spec: str) -> tuple[float | None, float]:
+    def probe(self, edit: EditConfig, spec: str, source: str = "chain") -> tuple[float | None, float]:
         """(refusal likelihood, first-token KL) of an edit on the prompts the search sees, without generating."""
-        with self.applied(edit, spec):
+        with self.applied(edit, spec, source):
             logprobs = first_token_logprobs(self.model, self.tokenizer, self.seen_harmless, self.eval_cfg.batch_size,
                                             self.eval_cfg.prefill_think)
             return self.likelihood(), kl_divergence(self.seen_logprobs, logprobs)

@@ -1,0 +1,74 @@
+"""The search's own directions from more prompts (`wider_prompts`, `SearchConfig.wide_prompts`) on the demo model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.edit import directions as dirs
+from pipeline.edit.search import SearchConfig, search
+from pipeline.edit.search_workbench import wider_prompts
+from pipeline.edit.stages import PromptsConfig, resolve_prompts
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.orchestrator.run import AbliterateJob
+
+CHAIN = PromptsConfig(max_prompts=16)  # the chain measures from 16 per class; the demo has 160 outside evaluation
+
+
+def test_wider_prompts_take_every_prompt_outside_evaluation_and_share_the_new_harmless_ones():
+    chain = resolve_prompts("demo", CHAIN)
+    more, pool = wider_prompts("demo", CHAIN, chain, 256)
+    evaluated = set(chain.harmful.evaluate) | set(chain.harmless.evaluate)
+    assert more.harmful.evaluate == chain.harmful.evaluate and more.harmless.evaluate == chain.harmless.evaluate
+    assert len(more.harmful.measure) == 160 and not set(more.harmful.measure) & evaluated
+    assert more.harmless.measure[:16] == chain.harmless.measure  # the chain's own first, then half of the rest
+    new = more.harmless.measure[16:]
+    assert len(new) == 72 and len(pool) == 72
+    assert not set(pool) & (set(more.harmless.measure) | evaluated)  # KL on prompts no measurement used
+    assert len(set(new) | set(pool)) == 144
+    capped, _ = wider_prompts("demo", CHAIN, chain, 40)
+    assert len(capped.harmful.measure) == 40
+    everything = PromptsConfig()  # the demo's chain already takes every prompt: nothing more to measure
+    assert wider_prompts("demo", everything, resolve_prompts("demo", everything), 256) is None
+
+
+@pytest.fixture(scope="module")
+def wide_search(tmp_path_factory, demo_loaded):
+    root = tmp_path_factory.mktemp("wide")
+    job = AbliterateJob(model="demo", out=root / "out", prompts=CHAIN,
+                        eval=EvalConfig(max_new_tokens=12, perplexity=False))
+    lines: list[str] = []
+    before = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
+    result = search(job, SearchConfig(trials=3, study=root / "s.journal", twins=False), lines.append, demo_loaded)
+    after = demo_loaded.model.state_dict()
+    restored = all(torch.equal(after[k], v) for k, v in before.items())
+    return {"root": root, "result": result, "lines": lines, "restored": restored}
+
+
+def test_the_plain_edit_keeps_the_chains_directions_and_the_next_trials_remove_the_wider_ones(wide_search):
+    s = wide_search["result"]["search"]
+    assert s["directions"]["chain"] == {"harmful": 16, "harmless": 16}
+    assert s["directions"]["wide"] == {"harmful": 160, "harmless": 16 + 72}
+    report = json.loads((wide_search["root"] / "out" / "search.json").read_text())
+    sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
+    assert sources == ["chain", "wide", "wide"]
+    plain, wide_plain = sorted(report["trials_all"], key=lambda t: t["number"])[:2]
+    assert {k: v for k, v in plain["params"].items() if k not in ("source", "layer")} == \
+        {k: v for k, v in wide_plain["params"].items() if k not in ("source", "layer")}  # same kernels
+    assert (plain["refusal"], plain["kl"]) != (wide_plain["refusal"], wide_plain["kl"])  # another direction
+    assert s["prompts"]["confirm"]["harmless"] == s["prompts"]["trial"]["harmless"] + 72  # + the KL pool
+    assert wide_search["restored"]
+    assert any("measuring the search's own directions from 160 harmful / 88 harmless" in x
+               for x in wide_search["lines"])
+
+
+def test_the_saved_directions_and_recipe_are_those_of_the_chosen_trial(wide_search):
+    out = wide_search["root"] / "out"
+    s = wide_search["result"]["search"]
+    chosen = s["directions"]["chosen"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["prompts"]["harmful"]["measure_size"] == s["directions"][chosen]["harmful"]
+    saved = dirs.load(out)
+    assert saved.info["prompts_split"]["harmful"]["measure_size"] == s["directions"][chosen]["harmful"]
