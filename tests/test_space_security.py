@@ -95,6 +95,12 @@ def test_allowed_settings_pass_and_are_capped(monkeypatch):
     with pytest.raises(UserError, match="ABLITERATOR_MAX_NEW_TOKENS"):
         handlers.build_options(_settings(extra_options='{"select_tokens": 64}'))
     assert handlers.build_options(_settings(mode="search", trials=5))[1]["trials"] == 5
+    monkeypatch.setenv("ABLITERATOR_MAX_PROMPTS", "100")
+    with pytest.raises(UserError, match=r"wide_prompts = 256 .*limit of 100 \(ABLITERATOR_MAX_PROMPTS\)"):
+        handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 256}'))
+    options = handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 0}'))[1]
+    assert options["wide_prompts"] == 0 and options["max_prompts"] == 100
+    assert handlers.build_options(_settings(mode="search", trials=5))[1]["wide_prompts"] == 100  # default, capped
 
 
 @pytest.mark.parametrize("field,value", [("extra_options", '{"harmful": "/etc/hosts"}'),
