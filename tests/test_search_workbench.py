@@ -72,3 +72,18 @@ def test_the_saved_directions_and_recipe_are_those_of_the_chosen_trial(wide_sear
     assert recipe["prompts"]["harmful"]["measure_size"] == s["directions"][chosen]["harmful"]
     saved = dirs.load(out)
     assert saved.info["prompts_split"]["harmful"]["measure_size"] == s["directions"][chosen]["harmful"]
+
+
+@pytest.mark.parametrize("chosen", ["wide", "chain"])
+def test_the_card_says_when_the_chosen_edit_removes_the_searchs_own_directions(wide_search, tmp_path, chosen):
+    import shutil
+
+    from pipeline.publish.card import render_card
+
+    copy = tmp_path / "out"
+    shutil.copytree(wide_search["root"] / "out", copy)
+    recipe = json.loads((copy / "recipe.json").read_text())
+    recipe["search"]["directions"]["chosen"] = chosen
+    (copy / "recipe.json").write_text(json.dumps(recipe))
+    sentence = "removes the search's own refusal directions, measured from 160 harmful and 88 harmless prompts"
+    assert (sentence in render_card(copy, "someone/demo-searched")) == (chosen == "wide")

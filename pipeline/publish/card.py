@@ -336,8 +336,10 @@ def _search(recipe: dict[str, Any]) -> dict[str, Any] | None:
         return None
     plain, chosen = found.get("plain_edit_on_test") or {}, found.get("chosen_on_test") or {}
     refined = {str(k): v for k, v in (found.get("refined") or {}).items()}  # JSON keys are strings
+    measured = found.get("directions") or {}
+    wide = measured.get("wide") if measured.get("chosen") == "wide" else None
     return {"trials": found.get("trials"), "chosen": found.get("chosen_trial"), "rule": found.get("rule"),
-            "refined": refined.get(str(found.get("chosen_trial"))),
+            "refined": refined.get(str(found.get("chosen_trial"))), "wide": wide,
             "test_prompts": ((found.get("prompts") or {}).get("test") or {}).get("harmful"),
             "rows": [("Refusal rate ↓", percent(plain.get("refusal")), percent(chosen.get("refusal"))),
                      ("KL divergence from base ↓", number(plain.get("kl")), number(chosen.get("kl")))] if plain else []}
