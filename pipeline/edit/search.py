@@ -94,11 +94,12 @@ class SearchConfig(BaseModel):
         0.0, ge=0, le=1, description="As --twin-margin, for the refined edit. 0: at the plain edit's own strength "
         "(never weaker: a matched edit lands at or below its refusal likelihood), so it competes on KL alone.")
     wide_prompts: int = Field(
-        256, ge=0, description="Also measure refusal directions from up to this many prompts per class (every prompt "
+        256, ge=0, description="Also measure a refusal direction from up to this many prompts per class (every prompt "
         "of the same sets outside the evaluation prompts; the harmless ones the chain did not measure are shared "
-        "between this measurement and the confirm part's KL) and let trials remove them instead of the chain's. At "
-        "the plain edit's strength, Qwen2.5's direction from 248/128 prompts kept 22% less KL on unseen harmless "
-        "prompts than its 64/64 one (bench/bench_direction_prompts.py). The plain edit keeps the chain's. 0: off; "
+        "between this measurement and the confirm part's KL) and let trials remove it instead of the chain's. It is "
+        "one direction pooled over the harmful sets: at the plain edit's strength, Qwen2.5's from 248/128 prompts "
+        "kept 22% less KL on unseen harmless prompts than the chain's from 64/64 (bench/bench_direction_prompts.py), "
+        "while one per set from 234/143 cost three times the chain's KL. The plain edit keeps the chain's. 0: off; "
         "nothing is measured when the chain already took every prompt (the demo).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
@@ -379,7 +380,8 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     if more is not None:
         say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
             f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
-        wide, pool = stages.measure_directions(loaded, more[0], job.measure, job.edit, say), more[1]
+        pooled = job.measure.model_copy(update={"set_directions": False})
+        wide, pool = stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[1]
         harmful, harmless, groups = split["confirm"]
         split["confirm"] = (harmful, harmless + pool, groups)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
