@@ -55,8 +55,7 @@ def test_the_plain_edit_keeps_the_chains_directions_and_the_next_trials_remove_t
     sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
     assert sources == ["chain", "wide", "wide"]
     plain, wide_plain = sorted(report["trials_all"], key=lambda t: t["number"])[:2]
-    assert {k: v for k, v in plain["params"].items() if k not in ("source", "layer")} == \
-        {k: v for k, v in wide_plain["params"].items() if k not in ("source", "layer")}  # same kernels
+    assert plain["params"] | {"source": "wide"} == wide_plain["params"]  # the plain edit, the wider direction
     assert (plain["refusal"], plain["kl"]) != (wide_plain["refusal"], wide_plain["kl"])  # another direction
     assert s["prompts"]["confirm"]["harmless"] == s["prompts"]["trial"]["harmless"] + 72  # + the KL pool
     assert wide_search["restored"]

@@ -87,12 +87,12 @@ def _kernel_params(comp: str, kernel: ComponentKernel, allow_off: bool, centre: 
     return out
 
 
-def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig, source: str = "chain") -> dict[str, Any]:
-    """Search-space parameters of a plain edit at the suggested layer of ``d`` (the first trial of a new study);
-    ``source`` names ``d`` when the search has both (`SOURCES`)."""
+def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[str, Any]:
+    """Search-space parameters of a plain edit at the suggested layer of the chain's directions ``d`` (the first
+    trial of a new study)."""
     params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
     if cfg.wide_prompts:
-        params["source"] = source
+        params["source"] = "chain"
     if cfg.search_per_layer:
         params["directions"] = "per-layer" if edit.per_layer else "single"
     fraction = d.suggested_layer / max(1, d.num_layers - 1)
