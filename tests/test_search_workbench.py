@@ -41,7 +41,7 @@ def wide_search(tmp_path_factory, demo_loaded):
                         eval=EvalConfig(max_new_tokens=12, perplexity=False))
     lines: list[str] = []
     before = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
-    result = search(job, SearchConfig(trials=3, study=root / "s.journal", twins=False), lines.append, demo_loaded)
+    result = search(job, SearchConfig(trials=3, study=root / "s.journal"), lines.append, demo_loaded)
     after = demo_loaded.model.state_dict()
     restored = all(torch.equal(after[k], v) for k, v in before.items())
     return {"root": root, "result": result, "lines": lines, "restored": restored}
@@ -53,12 +53,19 @@ def test_the_plain_edit_keeps_the_chains_directions_and_the_next_trials_remove_t
     assert s["directions"]["wide"] == {"harmful": 160, "harmless": 16 + 72}
     report = json.loads((wide_search["root"] / "out" / "search.json").read_text())
     sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
-    assert sources == ["chain", "wide", "wide"]
+    assert sources[:3] == ["chain", "wide", "wide"] and set(sources[3:]) <= {"wide"}  # twins keep their source
+    finalists = {t["number"]: t for t in s["finalists"]}
+    assert 0 in finalists and 1 in finalists  # the plain edit and its counterpart with the wider direction
+    for twin, of in s["twins"].items():  # matched to a little stronger than the plain edit by refusal likelihood
+        assert finalists[int(twin)]["likelihood"] < finalists[0]["likelihood"]
+        assert finalists[int(twin)]["params"]["source"] == sources[int(of)]
     plain, wide_plain = sorted(report["trials_all"], key=lambda t: t["number"])[:2]
     assert plain["params"] | {"source": "wide"} == wide_plain["params"]  # the plain edit, the wider direction
     assert (plain["refusal"], plain["kl"]) != (wide_plain["refusal"], wide_plain["kl"])  # another direction
     assert s["prompts"]["confirm"]["harmless"] == s["prompts"]["trial"]["harmless"] + 72  # + the KL pool
     assert wide_search["restored"]
+    shown = [line for line in wide_search["lines"] if line.startswith("trial ") and "/3]" in line]
+    assert ["(wide direction)" in line.split("|")[0] for line in shown] == [False, True, True]
     assert any("measuring the search's own directions from 160 harmful / 88 harmless" in x
                for x in wide_search["lines"])
 

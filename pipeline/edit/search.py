@@ -34,7 +34,7 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search_choice import Scored, choose, finalists_of, rank
-from pipeline.edit.search_refine import refine, strengthen
+from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
 from pipeline.edit.search_workbench import Part, Workbench, split_parts, wider_prompts
@@ -272,19 +272,32 @@ def run_enqueued(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConf
     return run_trials(study, bench, cfg.model_copy(update={"trials": 1}), base, None, space)[0]
 
 
+def counterpart(trials: list[Scored], default: Scored | None) -> Scored | None:
+    """The plain edit made with the search's own direction (same layer and kernels), when it ran: a finalist
+    always, since it differs from the plain edit by the direction's estimate alone."""
+    wanted = None if default is None else default.params | {"source": "wide"}
+    return next((t for t in trials if default is not None and "source" in default.params and t.params == wanted),
+                None)
+
+
 def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, strength: Strength | None,
               cfg: SearchConfig, base: EditConfig, say: Progress, space: Space) -> list[Scored]:
     """A finalist with a lower KL than the plain edit is often only weaker: it ties with it on the prompts seen
     and refuses more on the next ones. Each is tried with its weights raised to ``strength`` (`strengthen`);
     when its KL is still the lower, that twin runs as a new trial and joins the finalists, so the plain edit also
-    meets edits of its own strength."""
+    meets edits of its own strength. The plain edit's `counterpart` is matched to ``strength`` whatever its KL,
+    weakened or strengthened: a better-measured direction can be stronger at the same weights."""
     if default is None or strength is None or not cfg.twins:
         return []
     twins: list[Scored] = []
+    other = counterpart(picks, default)
     for t in picks:
-        found = None if t.number == default.number or t.kl >= default.kl else strengthen(
-            bench, t.params, base, strength.target, strength.tol)
-        if found is None or found.kl >= strength.plain_kl:
+        if t is other:
+            found = match_strength(bench, t.params, base, strength.target, strength.tol)
+        else:
+            found = None if t.number == default.number or t.kl >= default.kl else strengthen(
+                bench, t.params, base, strength.target, strength.tol)
+        if found is None or found.kl >= strength.plain_kl or found.factor == 1.0:  # 1.0: it is that strong
             continue
         twin = run_enqueued(study, bench, cfg, base, scaled(t.params, found.factor), {"twin_of": t.number}, space)
         say(f"trial {twin.number}: trial {t.number} with weights x{found.factor:.3f}, a little stronger than the "
@@ -414,6 +427,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         trials = completed(study)
         front, default = pareto_front(study), default_trial(study, trials)
         picks = finalists_of(front, trials, default, cfg.target * bench.base_rates["trial"], cfg.finalists)
+        picks += [t for t in [counterpart(trials, default)] if t is not None and t not in picks]
         strength = strength_of(bench, default, cfg, job.edit)
         picks += calibrate(study, bench, picks, default, strength, cfg, job.edit, say, space)
         picks += refined_trial(study, bench, default, strength, cfg, job.edit, say, space)

@@ -22,7 +22,8 @@ def describe(params: dict[str, Any]) -> str:
     """A short description of a trial's edit: method, direction, kernel per component (weight@position±reach,
     the position as the direction's layer plus a shift)."""
     parts = [params["method"]] if "method" in params else []
-    parts.append(f"layer {params['layer']:.2f}" if "layer" in params else "per-layer")
+    where = f"layer {params['layer']:.2f}" if "layer" in params else "per-layer"
+    parts.append(f"{where} (wide direction)" if params.get("source") == "wide" else where)
     for comp in ("attn", "mlp"):
         kind = params[f"{comp}.kind"]
         if kind == "off":
