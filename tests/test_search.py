@@ -416,3 +416,14 @@ def test_the_plain_edit_refined_at_its_strength_joins_the_finalists_once(tmp_pat
     assert again["refined"] == first["refined"] and number in {t["number"] for t in again["finalists"]}
     assert sum(line.startswith("refining the plain edit") for line in lines) == 1  # not refined again
     _assert_same_weights(demo_loaded.model, before)
+
+
+def test_the_plain_edits_counterpart_is_the_same_edit_with_the_wider_direction():
+    plain = Scored(0, 0.1, 0.03, {"source": "chain", "method": "standard", "layer": 0.78}, {})
+    same = Scored(1, 0.1, 0.04, {"source": "wide", "method": "standard", "layer": 0.78}, {})
+    moved = Scored(2, 0.1, 0.02, {"source": "wide", "method": "standard", "layer": 0.8}, {})
+    assert se.counterpart([plain, moved, same], plain) is same
+    assert se.counterpart([plain, moved], plain) is None
+    assert se.counterpart([plain, same], None) is None
+    no_source = replace(plain, params={"method": "standard", "layer": 0.78})  # a search without wider directions
+    assert se.counterpart([no_source, same], no_source) is None
