@@ -49,13 +49,6 @@ def _extra(text: str | None) -> dict[str, Any]:
     return data
 
 
-def _wide_default() -> int:
-    """The search's own default, kept under this app's prompt cap (a visitor's extra settings may lower it)."""
-    from pipeline.edit.search import SearchConfig
-
-    return int(SearchConfig.model_fields["wide_prompts"].default)
-
-
 def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The RunJob method and its options from the form's values."""
     method = v.get("method") or "abliterate"
@@ -66,7 +59,6 @@ def build_options(v: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if mode == "search":
             method = "auto"
             options["trials"] = _number(v.get("trials", 20), int, "trials")
-            options["wide_prompts"] = min(limits.Limits.from_env().max_prompts, _wide_default())
         else:
             options["layer"] = str(v.get("layer") or "best").strip()
             options["preset"] = v.get("preset") or "standard"

@@ -41,7 +41,7 @@ def wide_search(tmp_path_factory, demo_loaded):
                         eval=EvalConfig(max_new_tokens=12, perplexity=False))
     lines: list[str] = []
     before = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
-    result = search(job, SearchConfig(trials=3, study=root / "s.journal"), lines.append, demo_loaded)
+    result = search(job, SearchConfig(trials=3, study=root / "s.journal", wide_prompts=256), lines.append, demo_loaded)
     after = demo_loaded.model.state_dict()
     restored = all(torch.equal(after[k], v) for k, v in before.items())
     return {"root": root, "result": result, "lines": lines, "restored": restored}

@@ -94,13 +94,14 @@ class SearchConfig(BaseModel):
         0.0, ge=0, le=1, description="As --twin-margin, for the refined edit. 0: at the plain edit's own strength "
         "(never weaker: a matched edit lands at or below its refusal likelihood), so it competes on KL alone.")
     wide_prompts: int = Field(
-        256, ge=0, description="Also measure a refusal direction from up to this many prompts per class (every prompt "
+        0, ge=0, description="Also measure a refusal direction from up to this many prompts per class (every prompt "
         "of the same sets outside the evaluation prompts; the harmless ones the chain did not measure are shared "
-        "between this measurement and the confirm part's KL) and let trials remove it instead of the chain's. It is "
-        "one direction pooled over the harmful sets: at the plain edit's strength, Qwen2.5's from 248/128 prompts "
-        "kept 22% less KL on unseen harmless prompts than the chain's from 64/64 (bench/bench_direction_prompts.py), "
-        "while one per set from 234/143 cost three times the chain's KL. The plain edit keeps the chain's. 0: off; "
-        "nothing is measured when the chain already took every prompt (the demo).")
+        "between this measurement and the confirm part's KL) and let trials remove it instead of the chain's; the "
+        "plain edit keeps the chain's, and the plain edit made with this one is always a finalist. It is one "
+        "direction pooled over the harmful sets (one per set from 234/143 prompts cost Qwen2.5 three times the "
+        "chain's KL). 0 (default): off. On Qwen2.5 (256) every Pareto trial used it, yet none was as strong as the "
+        "plain edit at a clearly lower KL on the prompts seen, and it adds about 8 minutes to a 36-minute search. "
+        "Nothing is measured when the chain already took every prompt (the demo).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
         "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
