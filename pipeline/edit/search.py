@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
-from pipeline.edit.search_choice import Scored, choose, finalists_of, rank
+from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_of, rank
 from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
@@ -271,14 +271,6 @@ def run_enqueued(study: Any, bench: Workbench, cfg: SearchConfig, base: EditConf
     """Run ``params`` as the study's next trial, with ``attrs`` as its user attributes."""
     study.enqueue_trial(params, user_attrs=attrs)
     return run_trials(study, bench, cfg.model_copy(update={"trials": 1}), base, None, space)[0]
-
-
-def counterpart(trials: list[Scored], default: Scored | None) -> Scored | None:
-    """The plain edit made with the search's own direction (same layer and kernels), when it ran: a finalist
-    always, since it differs from the plain edit by the direction's estimate alone."""
-    wanted = None if default is None else default.params | {"source": "wide"}
-    return next((t for t in trials if default is not None and "source" in default.params and t.params == wanted),
-                None)
 
 
 def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, strength: Strength | None,

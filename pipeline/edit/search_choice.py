@@ -53,6 +53,15 @@ def finalists_of(front: list[Scored], trials: list[Scored], default: Scored | No
     return picks
 
 
+def counterpart(trials: list[Scored], default: Scored | None) -> Scored | None:
+    """The plain edit made with the search's own direction (same layer and kernels), when it ran: a finalist
+    always, since it differs from the plain edit by the direction's estimate alone."""
+    if default is None or "source" not in default.params:
+        return None
+    wanted = default.params | {"source": "wide"}
+    return next((t for t in trials if t.params == wanted), None)
+
+
 def weaker(t: Scored, default: Scored | None) -> bool:
     """Whether ``t`` starts the base's refusals more readily than the plain edit: on the next prompts it refuses
     more, even where it refused fewer of the few seen (on the demo such a trial, 1 of 40 refused against the plain
