@@ -8,7 +8,8 @@ same edit (same layer, same kernels, weights scaled until its refusal likelihood
 - `whiten:LAMBDA:u|c`: the chain's directions times the inverse of the harmless prompts' second moment (`u`) or
   covariance (`c`) at each layer, plus LAMBDA times its mean eigenvalue: directions along which harmless
   activations vary little, so removing them should disturb harmless prompts less;
-- `draw:SEED`: the chain's measurement (per set, 64/64) from another random draw of those prompts.
+- `draw:SEED`: the chain's measurement (per set, 64/64) from another random draw of those prompts;
+- `load:DIR`: saved directions, e.g. those of `bench_real.py --seed N` (`bench/results/real-out-seedN`).
 
 Every variant is evaluated at the chain's layer. KL is paired per prompt on the 32 harmless prompts the search sees
 and on the harmless prompts that neither a measurement nor the evaluation used (the search's confirm pool). The
@@ -78,8 +79,10 @@ def variant_directions(name: str, loaded: Any, d: Any, more: Any, acts: Any) -> 
         harmless = rng.sample(list(more.harmless.measure), 64)
         x = dirs.measure(loaded.model, loaded.tokenizer, harmful, harmless, dirs.DirectionsConfig(), EditConfig(),
                          None, groups)
+    elif kind == "load":
+        x = dirs.load(Path(name.partition(":")[2]))
     else:
-        raise SystemExit(f"unknown variant '{name}': use wide-set, whiten:LAMBDA:u|c or draw:SEED")
+        raise SystemExit(f"unknown variant '{name}': use wide-set, whiten:LAMBDA:u|c, draw:SEED or load:DIR")
     x.info = {**x.info, "own_layer": x.suggested_layer}
     x.suggested_layer = d.suggested_layer
     return x
