@@ -91,19 +91,14 @@ def variant_directions(name: str, loaded: Any, d: Any, more: Any, acts: Any) -> 
 def workbench(loaded: Any, d: Any, model: str, pool: tuple[str, ...]) -> Any:
     """The search's trial and confirm parts (the confirm part's harmless prompts plus ``pool``) on ``loaded``."""
     from pipeline.edit import stages
-    from pipeline.edit.search_workbench import Part, Workbench, split_parts
-    from pipeline.evaluation.evaluate import EvalConfig, reference
+    from pipeline.edit.search_workbench import Workbench, measured_parts, split_parts
+    from pipeline.evaluation.evaluate import EvalConfig
 
     prompts = stages.resolve_prompts(model, stages.PromptsConfig())
     split = split_parts(prompts.harmful.evaluate, prompts.harmless.evaluate, prompts.eval_groups(), 0.5)
-    cfg = EvalConfig(perplexity=False)
-    parts = {}
-    for name in ("trial", "confirm"):
-        harmful, harmless, groups = split[name]
-        harmless = harmless + pool if name == "confirm" else harmless
-        ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, cfg, model_id=model)
-        parts[name] = Part(harmful, harmless, groups, ref)
-    return Workbench(loaded, d, parts, EvalConfig())
+    harmful, harmless, groups = split["confirm"]
+    seen = {"trial": split["trial"], "confirm": (harmful, harmless + pool, groups)}
+    return Workbench(loaded, d, measured_parts(loaded, seen, EvalConfig(), model), EvalConfig())
 
 
 def main(argv: list[str] | None = None) -> dict:

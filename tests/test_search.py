@@ -171,7 +171,7 @@ def test_workbench_restores_weights_even_when_evaluation_fails(demo_loaded, demo
     cfg = EvalConfig(max_new_tokens=12, perplexity=False)
     ref = reference(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg)
     before = _snapshot(demo_loaded.model)
-    part = se.Part(tuple(harmful), tuple(harmless), ("demo-harmful",) * 4, ref)
+    part = search_workbench.Part(tuple(harmful), tuple(harmless), ("demo-harmful",) * 4, ref)
     bench = se.Workbench(demo_loaded, demo_d, dict.fromkeys(se.PARTS, part), cfg)
     edits = [
         (EditConfig(method="norm-preserving", mlp={"kind": "off"}), "0.55"),

@@ -37,9 +37,9 @@ from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_o
 from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
-from pipeline.edit.search_workbench import Part, Workbench, split_parts, wider_prompts
+from pipeline.edit.search_workbench import Workbench, measured_parts, split_parts, wider_prompts
 from pipeline.errors import UserError
-from pipeline.evaluation.evaluate import EvalConfig, reference
+from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.loading import Loaded, load_model
 from pipeline.io.output import EVAL_FILE, check_target, staged_folder, write_json, write_recipe
 from pipeline.progress import Progress
@@ -392,11 +392,7 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         split["confirm"] = (harmful, harmless + pool, groups)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
-    parts = {}
-    for name, (harmful, harmless, groups) in split.items():
-        cfg_part = eval_cfg if name == "test" else eval_cfg.model_copy(update={"perplexity": False})
-        ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, cfg_part, model_id=job.model)
-        parts[name] = Part(harmful, harmless, groups, ref)
+    parts = measured_parts(loaded, split, eval_cfg, job.model)
     bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0, wide=wide)
     return study, bench, {"chain": prompts} | ({"wide": more[0]} if more else {}), path
 

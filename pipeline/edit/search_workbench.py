@@ -26,6 +26,7 @@ from pipeline.evaluation.evaluate import (
     kl_divergence,
     kl_per_prompt,
     markers_for,
+    reference,
     require_base_refusals,
 )
 from pipeline.evaluation.likelihood import refusal_likelihood
@@ -64,6 +65,18 @@ def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequenc
         raise UserError(f"the search splits the evaluation prompts into trial, confirm and test parts, and "
                         f"{len(harmful)} harmful / {len(harmless)} harmless are too few: give more prompts "
                         "(--max-eval, --eval-fraction) or change --test-fraction")
+    return parts
+
+
+def measured_parts(loaded: Loaded, split: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]],
+                   eval_cfg: EvalConfig, model_id: str) -> dict[str, Part]:
+    """Each part of ``split`` (see `split_parts`) with the base model's side measured once; perplexity on the
+    test part only, where the chosen edit is reported."""
+    parts = {}
+    for name, (harmful, harmless, groups) in split.items():
+        cfg = eval_cfg if name == "test" else eval_cfg.model_copy(update={"perplexity": False})
+        ref = reference(loaded.model, loaded.tokenizer, harmful, harmless, cfg, model_id=model_id)
+        parts[name] = Part(harmful, harmless, groups, ref)
     return parts
 
 
