@@ -13,8 +13,13 @@ space better than a simpler one?
     refusal rate and the largest KL either study saw): larger is better.
 
     .venv/bin/python bench/bench_search.py [--model demo|qwen] [--trials 40] [--compare] [--directions DIR]
+        [--seed N]
 
-Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL].json.
+--seed N (not 0) draws other measurement and evaluation prompts from the same sets (as `bench_real.py --seed N`,
+whose directions `--directions bench/results/real-out-seedN` gives): the plain edit is then the default chain's on
+a draw it was not tuned on.
+
+Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN].json.
 """
 
 from __future__ import annotations
@@ -71,9 +76,10 @@ def trial_overhead(journal: Path) -> dict:
 
 
 def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
-               from_default: bool = True) -> dict:
+               from_default: bool = True, seed: int = 0) -> dict:
     from pipeline.edit import search as se
     from pipeline.edit.search_space import suggest
+    from pipeline.edit.stages import PromptsConfig
     from pipeline.orchestrator.run import AbliterateJob
 
     start = time.perf_counter()
@@ -81,7 +87,7 @@ def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: s
     def progress(line: str) -> None:
         print(f"[{name} {time.perf_counter() - start:7.1f}s] {line.splitlines()[0][:170]}", flush=True)
 
-    job = AbliterateJob(model=model, out=work / name)
+    job = AbliterateJob(model=model, out=work / name, prompts=PromptsConfig(seed=seed))
     cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default,
                           neighbours=from_default)
     summary = se.search(job, cfg, progress, loaded, d, space or suggest)["search"]
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--compare", action="store_true", help="(c): also search the simpler space")
     parser.add_argument("--directions", type=Path, help="saved directions (default: measured here)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the measurement/evaluation split")
     args = parser.parse_args(argv)
 
     import torch
@@ -112,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     loaded = load_model(model)
     d = dirs.load(args.directions) if args.directions else measure_directions(
-        loaded, resolve_prompts(model, PromptsConfig()), dirs.DirectionsConfig())
+        loaded, resolve_prompts(model, PromptsConfig(seed=args.seed)), dirs.DirectionsConfig())
     setup = time.perf_counter() - began
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
-        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours")
-        simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False)
+        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed)
+        simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False, args.seed)
                   if args.compare else None)
     s = ours["summary"]
     chosen, plain = s["chosen_on_test"], s["plain_edit_on_test"]
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{plain['refusal']:.1%} KL {plain['kl']:.4f}")
     print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials; the whole "
           f"search {ours['seconds']:.0f} s")
-    result = {"model": args.model, "trials": args.trials, "threads": torch.get_num_threads(),
+    result = {"model": args.model, "seed": args.seed, "trials": args.trials, "threads": torch.get_num_threads(),
               "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
     hv = ""
     if simple is not None:
@@ -146,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(c) Pareto front area (refusal x KL, up to {ref[0]:.2f} x {ref[1]:.4f}): ours {areas['ours']:.5f}, "
               f"simple space {areas['simple']:.5f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.model == "demo" else f"-{args.model}"
+    suffix = ("" if args.model == "demo" else f"-{args.model}") + (f"-seed{args.seed}" if args.seed else "")
     (RESULTS / f"bench_search{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     verdict = ("the plain edit was the best choice" if same else
                "beats the plain edit" if beats else "does NOT beat the plain edit")
-    print(f"SUMMARY search ({args.model}, {args.trials} trials): on unseen test prompts the choice {verdict} "
+    print(f"SUMMARY search ({args.model}, seed {args.seed}, {args.trials} trials): on unseen test prompts the choice "
+          f"{verdict} "
           f"(refusal {chosen['refusal']:.1%} vs {plain['refusal']:.1%}, KL {chosen['kl']:.4f} vs {plain['kl']:.4f}); "
           f"one trial = {ours['trial_over_eval']:.3f}x one evaluation"
           f" ({'meets' if ours['trial_over_eval'] <= 1.1 else 'misses'} <= 1.1x){hv}")
