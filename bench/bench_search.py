@@ -13,7 +13,7 @@ space better than a simpler one?
     refusal rate and the largest KL either study saw): larger is better.
 
     .venv/bin/python bench/bench_search.py [--model demo|qwen] [--trials 40] [--compare] [--directions DIR]
-        [--seed N]
+        [--seed N] [--fit-steps N]
 
 --seed N (not 0) draws other measurement and evaluation prompts from the same sets (as `bench_real.py --seed N`,
 whose directions `--directions bench/results/real-out-seedN` gives): the plain edit is then the default chain's on
@@ -76,7 +76,7 @@ def trial_overhead(journal: Path) -> dict:
 
 
 def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
-               from_default: bool = True, seed: int = 0) -> dict:
+               from_default: bool = True, seed: int = 0, fit_steps: int = 0) -> dict:
     from pipeline.edit import search as se
     from pipeline.edit.search_space import suggest
     from pipeline.edit.stages import PromptsConfig
@@ -89,7 +89,7 @@ def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: s
 
     job = AbliterateJob(model=model, out=work / name, prompts=PromptsConfig(seed=seed))
     cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default,
-                          neighbours=from_default)
+                          neighbours=from_default, fit_steps=fit_steps)
     summary = se.search(job, cfg, progress, loaded, d, space or suggest)["search"]
     return {"seconds": round(time.perf_counter() - start, 1), "summary": summary,
             **trial_overhead(work / f"{name}.journal")}
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="(c): also search the simpler space")
     parser.add_argument("--directions", type=Path, help="saved directions (default: measured here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the measurement/evaluation split")
+    parser.add_argument("--fit-steps", type=int, default=0, help="SearchConfig.fit_steps of the search (a)")
     args = parser.parse_args(argv)
 
     import torch
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded, resolve_prompts(model, PromptsConfig(seed=args.seed)), dirs.DirectionsConfig())
     setup = time.perf_counter() - began
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
-        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed)
+        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed, fit_steps=args.fit_steps)
         simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False, args.seed)
                   if args.compare else None)
     s = ours["summary"]
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{plain['refusal']:.1%} KL {plain['kl']:.4f}")
     print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials; the whole "
           f"search {ours['seconds']:.0f} s")
-    result = {"model": args.model, "seed": args.seed, "trials": args.trials, "threads": torch.get_num_threads(),
+    result = {"model": args.model, "seed": args.seed, "fit_steps": args.fit_steps,
+              "trials": args.trials, "threads": torch.get_num_threads(),
               "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
     hv = ""
     if simple is not None:

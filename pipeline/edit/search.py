@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
+from pipeline.edit.direction_fit import fit_directions
 from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_of, rank
 from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
@@ -102,6 +103,12 @@ class SearchConfig(BaseModel):
         "chain's KL). 0 (default): off. On Qwen2.5 (256) every Pareto trial used it, yet none was as strong as the "
         "plain edit at a clearly lower KL on the prompts seen, and it adds about 8 minutes to a 36-minute search. "
         "Nothing is measured when the chain already took every prompt (the demo).")
+    fit_steps: int = Field(
+        0, ge=0, description="Gradient steps fitting the chain's directions to the plain edit (`direction_fit`): "
+        "at the chosen layer, the span moves to lower the harmless first-token KL while the base's refusals stay "
+        "no more likely, on the measurement prompts only; trials may remove the fitted span instead, and the plain "
+        "edit made with it is always a finalist. 0 (default): off. About 7 s a step on Qwen2.5-0.5B (2 cores).")
+    fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
         "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
@@ -353,6 +360,9 @@ def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
         raise UserError("--auto edits the weights in place, which 4-bit weights do not allow: drop --load-in-4bit")
     if cfg.trials < 1:
         raise UserError(f"--trials must be at least 1, got {cfg.trials}")
+    if cfg.fit_steps and cfg.wide_prompts:
+        raise UserError("--fit-steps and --wide-prompts both give the search its own directions: choose one "
+                        "(--fit-steps 0 or --wide-prompts 0)")
     check_target(job.out, job.overwrite)
 
 
@@ -371,7 +381,8 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
              "embed_strength": job.edit.embed_strength, "per_set": job.edit.per_set}
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
                "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
-               "search space": space, "test_fraction": cfg.test_fraction, "wide_prompts": cfg.wide_prompts}
+               "search space": space, "test_fraction": cfg.test_fraction, "wide_prompts": cfg.wide_prompts,
+               "fit_steps": cfg.fit_steps, "fit_learning_rate": cfg.fit_learning_rate}
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -390,6 +401,12 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         wide, pool = stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[1]
         harmful, harmless, groups = split["confirm"]
         split["confirm"] = (harmful, harmless + pool, groups)
+    if cfg.fit_steps:
+        say(f"fitting the search's own directions to the plain edit ({cfg.fit_steps} steps on the measurement "
+            "prompts)")
+        fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure,
+                                cfg.fit_steps, cfg.fit_learning_rate, prefill_think=eval_cfg.prefill_think, say=say)
+        wide, more = (fitted, (prompts, ())) if fitted is not d else (None, None)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = measured_parts(loaded, split, eval_cfg, job.model)
@@ -407,7 +424,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
     with quiet_optuna():
         study, bench, prompts, path = _prepare(job, cfg, loaded, directions, say)
         if "wide" not in bench.sources:  # nothing more to measure from: trials remove the chain's directions
-            cfg = cfg.model_copy(update={"wide_prompts": 0})
+            cfg = cfg.model_copy(update={"wide_prompts": 0, "fit_steps": 0})
         if cfg.start_from_default and not study.trials:
             enqueue_start(study, bench, cfg, job.edit)
         say(f"search: {cfg.trials} new trials, {len(completed(study))} done before in {path}; "

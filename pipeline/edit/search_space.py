@@ -1,7 +1,8 @@
 """The search space: what a trial samples, and how its parameters become an edit.
 
-A trial picks a method, whose directions it removes (the chain's, or with `SearchConfig.wide_prompts` the
-search's own, measured from more prompts), the direction's layer (a fraction of the depth, interpolated) and a
+A trial picks a method, whose directions it removes (the chain's, or the search's own: measured from more
+prompts with `SearchConfig.wide_prompts`, or fitted to the plain edit with `SearchConfig.fit_steps`), the
+direction's layer (a fraction of the depth, interpolated) and a
 kernel per component. Kernels are placed relative to the trial's layer (a shift), so most of the space lies around
 the layer the direction came from. A new study starts with the plain edit and its near variants
 (`neighbours`), then samples with TPE.
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # search.py imports this module
     from pipeline.edit.search import SearchConfig
 
 METHODS = ("standard", "projected", "norm-preserving")
-SOURCES = ("chain", "wide")  # the chain's directions, or the search's own from more prompts (SearchConfig.wide_prompts)
+SOURCES = ("chain", "wide")  # the chain's directions, or the search's own (more prompts, or fitted)
 LAYER_RANGE = (0.3, 0.9)  # direction layer, as a fraction of depth (interpolated between layers)
 
 # kind -> search parameter -> (low, high, log scale). "shift" places the shape relative to the direction's
@@ -39,11 +40,16 @@ def _suggest_kernel(trial: Any, comp: str, allow_off: bool) -> None:
         trial.suggest_float(f"{comp}.{name}", low, high, log=log_scale)
 
 
+def own_directions(cfg: SearchConfig) -> bool:
+    """Whether trials choose between the chain's directions and the search's own (the `source` parameter)."""
+    return bool(cfg.wide_prompts or cfg.fit_steps)
+
+
 def suggest(trial: Any, cfg: SearchConfig, base: EditConfig) -> dict[str, Any]:
     """Sample one point of the search space into ``trial``; returns its parameters."""
     if cfg.search_method:
         trial.suggest_categorical("method", list(METHODS))
-    if cfg.wide_prompts:
+    if own_directions(cfg):
         trial.suggest_categorical("source", list(SOURCES))
     single = not base.per_layer
     if cfg.search_per_layer:
@@ -91,7 +97,7 @@ def from_edit(edit: EditConfig, d: dirs.Directions, cfg: SearchConfig) -> dict[s
     """Search-space parameters of a plain edit at the suggested layer of the chain's directions ``d`` (the first
     trial of a new study)."""
     params: dict[str, Any] = {"method": edit.method} if cfg.search_method else {}
-    if cfg.wide_prompts:
+    if own_directions(cfg):
         params["source"] = "chain"
     if cfg.search_per_layer:
         params["directions"] = "per-layer" if edit.per_layer else "single"

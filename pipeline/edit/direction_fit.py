@@ -1,0 +1,209 @@
+"""Fit measured refusal directions to the edit that removes them: as strong, cheaper in KL.
+
+A mean difference over a few dozen prompts points partly along what harmless prompts use too, and removing that
+part costs KL without removing more refusal: on Qwen2.5-Coder-0.5B the directions measured from three draws of
+the same prompt sets cost up to five times each other's KL at equal strength (bench/README.md). `fit_directions`
+starts from the measured span at the chosen layer and moves it by gradient steps, with the edit applied as hooks
+on the residual writers (the edit's own per-layer strengths, the standard method's projection), to lower the
+first-token KL on the harmless measurement prompts while the base model's own refusals of the harmful
+measurement prompts become no more likely than under the measured span (no weaker; the search then matches
+strengths itself). Only measurement prompts are used, so
+the evaluation (and the search's parts) stay unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from pipeline.edit import directions as dirs
+from pipeline.edit.abliterate import EditConfig, strength_of, strengths
+from pipeline.edit.architectures import find_writers
+from pipeline.evaluation.likelihood import MAX_TOKENS
+from pipeline.io.chat import format_prompts, input_device, prepare_tokenizer
+from pipeline.io.loading import Loaded
+
+log = logging.getLogger(__name__)
+Say = Callable[[str], None]
+
+
+def writer_hooks(model: Any, edit: EditConfig, num_layers: int) -> list[tuple[torch.nn.Module, float]]:
+    """The modules whose outputs the edit changes, with their strengths; empty when a writer is not a module of
+    its own (e.g. experts stored as one tensor), where an output hook would not match the weight edit."""
+    plan = strengths(edit, num_layers)
+    modules = dict(model.named_modules())
+    out = []
+    for match in find_writers(model.config.model_type, [n for n, _ in model.named_parameters()]):
+        s = strength_of(match, plan)
+        module = modules.get(match.name.rsplit(".", 1)[0])
+        if not s:
+            continue
+        if not isinstance(module, torch.nn.Linear | torch.nn.Embedding) or match.name.endswith(".bias"):
+            return []
+        out.append((module, float(s)))
+    return out
+
+
+@contextmanager
+def removing(hooks: list[tuple[torch.nn.Module, float]], basis: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Inside: each hooked module's output loses ``strength`` times its part in the span of ``basis()`` (orthonormal
+    rows), as the standard weight edit does, differentiably in the basis."""
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(strength: float) -> Callable:
+        def remove(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            q = state["q"].to(output.dtype)
+            return output - strength * (output @ q.T) @ q
+        return remove
+
+    handles = [m.register_forward_hook(hook(s)) for m, s in hooks]
+    try:
+        state["q"] = basis()
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _logprobs(model: Any, tokenizer: Any, rows: list[list[int]], keep: int) -> torch.Tensor:
+    enc = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+    device = input_device(model)
+    logits = model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False, logits_to_keep=keep).logits
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def refusal_probability(model: Any, tokenizer: Any, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Mean geometric-mean probability of each reply after its prompt (`pipeline.evaluation.likelihood`'s measure,
+    differentiable)."""
+    logp = _logprobs(model, tokenizer, [p + r for p, r in rows], max(len(r) for _, r in rows) + 1)[:, :-1]
+    scores = [logp[b, logp.shape[1] - len(r):].gather(-1, torch.tensor(r, device=logp.device)[:, None]).mean().exp()
+              for b, (_, r) in enumerate(rows)]
+    return torch.stack(scores).mean()
+
+
+def first_token_kl(model: Any, tokenizer: Any, rows: list[list[int]], base: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base || model) of the first answer token over ``rows`` (``base``: their unedited log-probs)."""
+    logp = _logprobs(model, tokenizer, rows, 1)[:, -1]
+    return (base.exp() * (base - logp)).sum(-1).mean()
+
+
+def _chats(tokenizer: Any, prompts: Sequence[str], prefill_think: bool) -> list[list[int]]:
+    return [tokenizer(c, add_special_tokens=False)["input_ids"] for c in format_prompts(tokenizer, prompts,
+                                                                                         prefill_think=prefill_think)]
+
+
+def _batches(n: int, size: int, rng: random.Random) -> list[int]:
+    return rng.sample(range(n), min(size, n))
+
+
+def _scores(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, refusals: list, harmless: list,
+              base: torch.Tensor, size: int) -> tuple[float, float]:
+    """(refusal likelihood, KL) of the span ``q`` over all the fitting prompts."""
+    with torch.no_grad(), removing(hooks, lambda: q):
+        lik = sum(float(refusal_probability(model, tokenizer, refusals[i:i + size])) * len(refusals[i:i + size])
+                  for i in range(0, len(refusals), size)) / len(refusals)
+        kl = sum(float(first_token_kl(model, tokenizer, harmless[i:i + size], base[i:i + size])) *
+                 len(harmless[i:i + size]) for i in range(0, len(harmless), size)) / len(harmless)
+    return lik, kl
+
+
+def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful: Sequence[str],
+                   harmless: Sequence[str], steps: int, learning_rate: float, batch_size: int = 8,
+                   penalty: float = 10.0, seed: int = 0, prefill_think: bool = True, reply_tokens: int = 12,
+                   say: Say | None = None) -> dirs.Directions:
+    """``d`` with its span at the suggested layer fitted to ``edit`` (the plain edit: kernels, strengths) on the
+    measurement prompts; ``d`` itself when there is nothing to fit (per-layer edits, writers that are not modules,
+    fewer than two refusals). Each step: KL on ``batch_size`` harmless prompts plus ``penalty`` times the excess of
+    the refusal likelihood over the measured span's, on as many refused prompts (the base's replies of
+    ``reply_tokens`` tokens judge which it refused; their first tokens are the refusals scored)."""
+    from pipeline.edit import selection, stages
+
+    say = say or log.info
+    model, tokenizer = loaded.model, loaded.tokenizer
+    direction, _, placed = stages.chosen_direction(d, "best", edit)
+    hooks = writer_hooks(model, placed, d.num_layers) if not edit.per_layer else []
+    if steps < 1 or not hooks:
+        if steps >= 1:
+            say("fitting the directions: not possible for this edit or architecture; the measured ones are used")
+        return d
+    prepare_tokenizer(tokenizer)
+    m = selection.replies_with_activations(model, tokenizer, list(harmful), reply_tokens)
+    refused = [(p, r) for p, r, x in zip(m.prompts, m.replies, m.refused, strict=True) if x and r]
+    if len(refused) < 2:
+        say(f"fitting the directions: the base refused {len(refused)} measurement prompts; the measured ones are used")
+        return d
+    chats = _chats(tokenizer, [p for p, _ in refused], prefill_think)
+    refusals = [(c, list(r[:MAX_TOKENS])) for c, (_, r) in zip(chats, refused, strict=True)]
+    plain = _chats(tokenizer, harmless, prefill_think)
+    with torch.no_grad():
+        base = torch.cat([_logprobs(model, tokenizer, plain[i:i + batch_size], 1)[:, -1]
+                          for i in range(0, len(plain), batch_size)])
+    start = (direction[0] if direction.dim() == 3 else direction[None]).double()
+    before = _scores(model, tokenizer, hooks, start.float(), refusals, plain, base, batch_size)
+    rows = torch.nn.Parameter(start.clone())
+
+    def basis() -> torch.Tensor:
+        return dirs.unit(rows).float() if len(rows) == 1 else _orthonormal(rows).float()
+
+    grads = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        _descend(model, tokenizer, hooks, basis, rows, refusals, plain, base, before[0], steps, learning_rate,
+                 batch_size, penalty, seed, say)
+    finally:
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+    with torch.no_grad():
+        q = basis()
+    after = _scores(model, tokenizer, hooks, q, refusals, plain, base, batch_size)
+    say(f"fitted the directions in {steps} steps: on the measurement prompts refusal likelihood {before[0]:.4f} -> "
+        f"{after[0]:.4f}, KL {before[1]:.4f} -> {after[1]:.4f}")
+    return _with_span(d, q, {"steps": steps, "learning_rate": learning_rate, "refusals": len(refusals),
+                             "harmless": len(plain), "likelihood": [before[0], after[0]], "kl": [before[1], after[1]]})
+
+
+def _orthonormal(rows: torch.Tensor) -> torch.Tensor:
+    q, r = torch.linalg.qr(rows.T)
+    return (q * torch.sign(r.diagonal())).T
+
+
+def _descend(model: Any, tokenizer: Any, hooks: list, basis: Callable[[], torch.Tensor], rows: torch.nn.Parameter,
+             refusals: list, plain: list, base: torch.Tensor, target: float, steps: int, learning_rate: float,
+             batch_size: int, penalty: float, seed: int, say: Say) -> None:
+    rng = random.Random(seed)
+    opt = torch.optim.Adam([rows], lr=learning_rate)
+    for step in range(steps):
+        with removing(hooks, basis):
+            lik = refusal_probability(model, tokenizer, [refusals[i] for i in _batches(len(refusals), batch_size, rng)])
+            bi = _batches(len(plain), batch_size, rng)
+            kl = first_token_kl(model, tokenizer, [plain[i] for i in bi], base[bi])
+            loss = kl + penalty * torch.relu(lik - target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            rows.div_(rows.norm(dim=1, keepdim=True))
+        if step % 10 == 9 or step == steps - 1:
+            say(f"fitting the directions: step {step + 1}/{steps}, batch refusal likelihood {lik.item():.3f}, "
+                f"KL {kl.item():.4f}")
+
+
+def _with_span(d: dirs.Directions, q: torch.Tensor, record: dict[str, Any]) -> dirs.Directions:
+    """A copy of ``d`` whose directions at the suggested layer span ``q`` (k orthonormal rows)."""
+    layer = d.suggested_layer
+    info = {**d.info, "fit": record}
+    if d.set_directions is not None and len(d.set_directions) == len(q):
+        sets = d.set_directions.clone()
+        sets[:, layer] = q
+        return replace(d, set_directions=sets, info=info)
+    pooled = d.directions.clone()
+    pooled[layer] = q[0]
+    projected = d.projected.clone()
+    projected[layer] = dirs.project_out_harmless(q[0], d.harmless_mean[layer])
+    return replace(d, directions=pooled, projected=projected, info=info)

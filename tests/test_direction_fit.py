@@ -1,0 +1,122 @@
+"""Directions fitted to the plain edit (`pipeline.edit.direction_fit`, `SearchConfig.fit_steps`) on the demo model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from pipeline.edit import directions as dirs
+from pipeline.edit import stages
+from pipeline.edit.abliterate import EditConfig, apply_in_memory
+from pipeline.edit.direction_fit import fit_directions, removing, writer_hooks
+from pipeline.edit.search import SearchConfig, search
+from pipeline.edit.stages import PromptsConfig, resolve_prompts
+from pipeline.errors import UserError
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.orchestrator.run import AbliterateJob
+
+CHAIN = PromptsConfig(max_prompts=16)
+
+
+def _logits(loaded, prompts: list[str]) -> torch.Tensor:
+    from pipeline.io.chat import format_prompts, prepare_tokenizer
+
+    prepare_tokenizer(loaded.tokenizer)
+    enc = loaded.tokenizer(format_prompts(loaded.tokenizer, prompts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return loaded.model(**enc).logits
+
+
+def test_the_hooks_remove_what_the_weight_edit_removes(demo_loaded, demo_dirs, demo_prompts):
+    d = dirs.load(demo_dirs)
+    direction, _, placed = stages.chosen_direction(d, "best", EditConfig())
+    hooks = writer_hooks(demo_loaded.model, placed, d.num_layers)
+    assert hooks and {s for _, s in hooks} - {0.0}
+    q = direction[0] if direction.dim() == 3 else direction[None]
+    prompts = list(demo_prompts.harmful.evaluate[:4])
+    base = _logits(demo_loaded, prompts)
+    with removing(hooks, lambda: q):
+        hooked = _logits(demo_loaded, prompts)
+    state = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
+    try:
+        apply_in_memory(demo_loaded.model, direction, placed, d.num_layers, demo_loaded.model.config.model_type)
+        edited = _logits(demo_loaded, prompts)
+    finally:
+        demo_loaded.model.load_state_dict(state)
+    assert (edited - base).abs().max() > 1e-2  # the edit changes the output ...
+    assert torch.allclose(hooked, edited, atol=1e-4)  # ... and the hooks change it the same way
+    assert torch.equal(_logits(demo_loaded, prompts), base)  # no hook is left behind
+
+
+def test_fitting_removes_what_harmless_prompts_use_from_a_direction_at_no_loss_of_strength(
+        demo_loaded, demo_dirs, demo_prompts):
+    """A direction mixed with the harmless mean spends the edit on what harmless prompts use: the fit must turn it
+    back towards refusal, leaving the edit no weaker and no costlier on the prompts it was fitted to."""
+    d = dirs.load(demo_dirs)
+    layer = d.suggested_layer
+    mixed = d.directions.clone()
+    mixed[layer] = dirs.unit(d.directions[layer] + 0.6 * dirs.unit(d.harmless_mean[layer]))
+    d = dataclasses.replace(d, directions=mixed, set_directions=None)
+    before = {k: v.clone() for k, v in demo_loaded.model.state_dict().items()}
+    grads = [p.requires_grad for p in demo_loaded.model.parameters()]
+    lines: list[str] = []
+    fitted = fit_directions(demo_loaded, d, EditConfig(), demo_prompts.harmful.measure, demo_prompts.harmless.measure,
+                            steps=20, learning_rate=0.02, say=lines.append)
+    record = fitted.info["fit"]
+    assert record["steps"] == 20 and record["refusals"] >= 2
+    assert record["harmless"] == len(demo_prompts.harmless.measure)
+    (lik0, lik1), (kl0, kl1) = record["likelihood"], record["kl"]
+    # On the refusal x KL plane the fitted span dominates the mixed one: no weaker, no costlier, and clearly better
+    # on one of the two (here it removes more refusal for the same KL: 0.28 -> 0.20 at 0.048).
+    assert lik1 <= lik0 + 0.01 and kl1 <= 1.05 * kl0, record
+    assert lik1 < lik0 - 0.03 or kl1 < 0.7 * kl0, record
+    moved = fitted.directions[layer]
+    assert abs(float(moved.norm()) - 1) < 1e-5
+    mean = dirs.unit(d.harmless_mean[layer])
+    assert abs(float(moved @ mean)) < abs(float(mixed[layer] @ mean))  # less of the harmless mean
+    others = [i for i in range(d.num_layers) if i != layer]
+    assert torch.equal(fitted.directions[others], mixed[others])  # only the chosen layer's
+    assert torch.equal(fitted.projected[layer], dirs.project_out_harmless(moved, d.harmless_mean[layer]))
+    assert "fit" not in d.info and torch.equal(d.directions, mixed)  # the input is not changed
+    after = demo_loaded.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert [p.requires_grad for p in demo_loaded.model.parameters()] == grads  # as it was
+    assert any("fitted the directions in 20 steps" in line for line in lines)
+
+
+def test_nothing_is_fitted_with_zero_steps_or_per_layer_directions(demo_loaded, demo_dirs, demo_prompts):
+    d = dirs.load(demo_dirs)
+    h, b = demo_prompts.harmful.measure, demo_prompts.harmless.measure
+    assert fit_directions(demo_loaded, d, EditConfig(), h, b, steps=0, learning_rate=0.01) is d
+    lines: list[str] = []
+    assert fit_directions(demo_loaded, d, EditConfig(per_layer=True), h, b, steps=5, learning_rate=0.01,
+                          say=lines.append) is d
+    assert "not possible" in lines[0]
+
+
+def test_fit_and_wide_prompts_are_one_choice(tmp_path):
+    job = AbliterateJob(model="demo", out=tmp_path / "out")
+    with pytest.raises(UserError, match="choose one"):
+        search(job, SearchConfig(trials=1, study=tmp_path / "s.journal", fit_steps=5, wide_prompts=64), None)
+
+
+def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_counterpart(tmp_path, demo_loaded):
+    job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=CHAIN,
+                        eval=EvalConfig(max_new_tokens=12, perplexity=False))
+    lines: list[str] = []
+    result = search(job, SearchConfig(trials=3, study=tmp_path / "s.journal", fit_steps=10, fit_learning_rate=0.01),
+                    lines.append, demo_loaded)
+    s = result["search"]
+    chain = resolve_prompts("demo", CHAIN)
+    assert s["directions"]["wide"] == s["directions"]["chain"] == {"harmful": len(chain.harmful.measure),
+                                                                   "harmless": len(chain.harmless.measure)}
+    report = json.loads((tmp_path / "out" / "search.json").read_text())
+    sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
+    assert sources[:3] == ["chain", "wide", "wide"]
+    assert {0, 1} <= {t["number"] for t in s["finalists"]}  # the plain edit and the same edit, fitted
+    assert any(line.startswith("fitted the directions in 10 steps") for line in lines)
+    saved = dirs.load(tmp_path / "out")
+    assert ("fit" in saved.info) == (s["directions"]["chosen"] == "wide")  # the card's directions are the chosen's
