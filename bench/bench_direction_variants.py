@@ -9,14 +9,16 @@ same edit (same layer, same kernels, weights scaled until its refusal likelihood
   covariance (`c`) at each layer, plus LAMBDA times its mean eigenvalue: directions along which harmless
   activations vary little, so removing them should disturb harmless prompts less;
 - `draw:SEED`: the chain's measurement (per set, 64/64) from another random draw of those prompts;
-- `load:DIR`: saved directions, e.g. those of `bench_real.py --seed N` (`bench/results/real-out-seedN`).
+- `load:DIR`: saved directions, e.g. those of `bench_real.py --seed N` (`bench/results/real-out-seedN`);
+- `fit:STEPS`: the chain's directions fitted to the plain edit (`pipeline.edit.direction_fit`, as
+  `--auto --fit-steps STEPS` does) on the chain's measurement prompts.
 
 Every variant is evaluated at the chain's layer. KL is paired per prompt on the 32 harmless prompts the search sees
 and on the harmless prompts that neither a measurement nor the evaluation used (the search's confirm pool). The
 test part is not used.
 
     .venv/bin/python bench/bench_direction_variants.py [--model qwen] [--directions bench/results/real-out]
-        [VARIANT ...]   (default: wide-set whiten:10:u whiten:3:u whiten:1:c draw:1 draw:2 draw:3)
+        [--seed N] [VARIANT ...]   (default: wide-set whiten:10:u whiten:3:u whiten:1:c draw:1 draw:2 draw:3)
 
 Prints a line per variant and a SUMMARY line; writes bench/results/bench_direction_variants[-MODEL].json.
 """
@@ -61,7 +63,7 @@ def whitened(d: Any, acts: Any, lam: float, centred: bool) -> Any:
     return w
 
 
-def variant_directions(name: str, loaded: Any, d: Any, more: Any, acts: Any) -> Any:
+def variant_directions(name: str, loaded: Any, d: Any, more: Any, acts: Any, chain: Any) -> Any:
     """The directions of one VARIANT (see the module doc), at the chain's layer."""
     from pipeline.edit import directions as dirs
     from pipeline.edit import stages
@@ -81,20 +83,24 @@ def variant_directions(name: str, loaded: Any, d: Any, more: Any, acts: Any) -> 
                          None, groups)
     elif kind == "load":
         x = dirs.load(Path(name.partition(":")[2]))
+    elif kind == "fit":
+        from pipeline.edit.direction_fit import fit_directions
+        from pipeline.edit.search import SearchConfig
+
+        x = fit_directions(loaded, d, EditConfig(), chain.harmful.measure, chain.harmless.measure, int(args[0]),
+                           SearchConfig().fit_learning_rate, say=print)
     else:
-        raise SystemExit(f"unknown variant '{name}': use wide-set, whiten:LAMBDA:u|c, draw:SEED or load:DIR")
+        raise SystemExit(f"unknown variant '{name}': use wide-set, whiten:LAMBDA:u|c, draw:SEED, load:DIR or fit:STEPS")
     x.info = {**x.info, "own_layer": x.suggested_layer}
     x.suggested_layer = d.suggested_layer
     return x
 
 
-def workbench(loaded: Any, d: Any, model: str, pool: tuple[str, ...]) -> Any:
+def workbench(loaded: Any, d: Any, model: str, pool: tuple[str, ...], prompts: Any) -> Any:
     """The search's trial and confirm parts (the confirm part's harmless prompts plus ``pool``) on ``loaded``."""
-    from pipeline.edit import stages
     from pipeline.edit.search_workbench import Workbench, measured_parts, split_parts
     from pipeline.evaluation.evaluate import EvalConfig
 
-    prompts = stages.resolve_prompts(model, stages.PromptsConfig())
     split = split_parts(prompts.harmful.evaluate, prompts.harmless.evaluate, prompts.eval_groups(), 0.5)
     harmful, harmless, groups = split["confirm"]
     seen = {"trial": split["trial"], "confirm": (harmful, harmless + pool, groups)}
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen", help="a real model key of tests/real_models.py")
     parser.add_argument("--directions", type=Path, default=RESULTS / "real-out", help="the chain's directions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt draw (as bench_real.py --seed)")
     parser.add_argument("variants", nargs="*", default=list(VARIANTS), help="see the module doc")
     args = parser.parse_args(argv)
 
@@ -123,12 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = str(fetch(args.model))
     loaded = load_model(model)
     d = dirs.load(args.directions)
-    pc = stages.PromptsConfig()
-    more, pool = wider_prompts(model, pc, stages.resolve_prompts(model, pc), 256)
+    pc = stages.PromptsConfig(seed=args.seed)
+    chain = stages.resolve_prompts(model, pc)
+    more, pool = wider_prompts(model, pc, chain, 256)
     acts = None
     if any(v.startswith("whiten") for v in args.variants):
         acts = collect(loaded.model, loaded.tokenizer, list(more.harmless.measure), keep_samples=True).samples
-    bench = workbench(loaded, d, model, pool)
+    bench = workbench(loaded, d, model, pool, chain)
     seen = len(bench.parts["trial"].harmless) + len(bench.parts["confirm"].harmless) - len(pool)
     plain = from_edit(stages.default_edit(d, "best", EditConfig()), d, SearchConfig(wide_prompts=256))
 
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     rows: dict[str, Any] = {}
     for name in args.variants:
-        x = variant_directions(name, loaded, d, more, acts)
+        x = variant_directions(name, loaded, d, more, acts, chain)
         layer = d.suggested_layer
         cos = [round(float(x.set_directions[k, layer] @ d.set_directions[k, layer]), 3)
                for k in range(len(d.set_directions))]
@@ -164,9 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"SUMMARY direction variants ({args.model}): {len(better)} of {len(rows)} variants clearly cheaper than the "
           f"chain's direction at equal strength{': ' + ', '.join(better) if better else ''}; "
           f"{time.perf_counter() - began:.0f} s")
-    out = {"model": args.model, "seen": seen, "unseen": len(pool), "likelihood": target, "variants": rows}
+    out = {"model": args.model, "seed": args.seed, "seen": seen, "unseen": len(pool), "likelihood": target,
+           "variants": rows}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"bench_direction_variants-{args.model}.json").write_text(json.dumps(out, indent=1))
+    suffix = f"-seed{args.seed}" if args.seed else ""
+    (RESULTS / f"bench_direction_variants-{args.model}{suffix}.json").write_text(json.dumps(out, indent=1))
     return out
 
 

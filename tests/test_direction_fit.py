@@ -17,6 +17,7 @@ from pipeline.edit.stages import PromptsConfig, resolve_prompts
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.orchestrator.run import AbliterateJob
+from pipeline.publish.card import render_card
 
 CHAIN = PromptsConfig(max_prompts=16)
 
@@ -111,12 +112,23 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
                     lines.append, demo_loaded)
     s = result["search"]
     chain = resolve_prompts("demo", CHAIN)
-    assert s["directions"]["wide"] == s["directions"]["chain"] == {"harmful": len(chain.harmful.measure),
-                                                                   "harmless": len(chain.harmless.measure)}
+    sizes = {"harmful": len(chain.harmful.measure), "harmless": len(chain.harmless.measure)}
+    wide = s["directions"]["wide"]
+    assert s["directions"]["chain"] == sizes and wide == sizes | {"fit": wide["fit"]}  # measured by the chain
     report = json.loads((tmp_path / "out" / "search.json").read_text())
     sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
     assert sources[:3] == ["chain", "wide", "wide"]
     assert {0, 1} <= {t["number"] for t in s["finalists"]}  # the plain edit and the same edit, fitted
     assert any(line.startswith("fitted the directions in 10 steps") for line in lines)
+    record = s["directions"]["wide"]["fit"]
+    assert record["steps"] == 10 and "fit" not in s["directions"]["chain"]
     saved = dirs.load(tmp_path / "out")
-    assert ("fit" in saved.info) == (s["directions"]["chosen"] == "wide")  # the card's directions are the chosen's
+    assert ("fit" in saved.info) == (s["directions"]["chosen"] == "wide")  # the saved directions are the chosen's
+    # The card says which directions the chosen edit removes (here made to be the fitted ones).
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    for chosen, expected in (("wide", True), ("chain", False)):
+        recipe["search"]["directions"]["chosen"] = chosen
+        (tmp_path / "out" / "recipe.json").write_text(json.dumps(recipe))
+        text = render_card(tmp_path / "out", None)
+        assert ("fitted to the default edit: 10 gradient steps" in text) == expected
+        assert (f"{record['kl'][0]:.4f} → {record['kl'][1]:.4f}" in text) == expected

@@ -65,7 +65,7 @@ def test_the_plain_edit_keeps_the_chains_directions_and_the_next_trials_remove_t
     assert s["prompts"]["confirm"]["harmless"] == s["prompts"]["trial"]["harmless"] + 72  # + the KL pool
     assert wide_search["restored"]
     shown = [line for line in wide_search["lines"] if line.startswith("trial ") and "/3]" in line]
-    assert ["(wide direction)" in line.split("|")[0] for line in shown] == [False, True, True]
+    assert ["(own direction)" in line.split("|")[0] for line in shown] == [False, True, True]
     assert any("measuring the search's own directions from 160 harmful / 88 harmless" in x
                for x in wide_search["lines"])
 

@@ -479,6 +479,7 @@ def _save(job: AbliterateJob, cfg: SearchConfig, bench: Workbench, measured: dic
     summary = {**result.summary(cfg, bench.base_rate, cfg.trials), "study": path.name,  # name only: published
                "prompts": {k: {"harmful": len(p.harmful), "harmless": len(p.harmless)} for k, p in bench.parts.items()},
                "directions": {k: {"harmful": len(p.harmful.measure), "harmless": len(p.harmless.measure)}
+                              | ({"fit": bench.sources[k].info["fit"]} if "fit" in bench.sources[k].info else {})
                               for k, p in measured.items()} | {"chosen": source}}
     if default is not None and default.number != result.chosen.number:
         say("evaluating the plain edit on the test prompts, for comparison")

@@ -23,7 +23,7 @@ def describe(params: dict[str, Any]) -> str:
     the position as the direction's layer plus a shift)."""
     parts = [params["method"]] if "method" in params else []
     where = f"layer {params['layer']:.2f}" if "layer" in params else "per-layer"
-    parts.append(f"{where} (wide direction)" if params.get("source") == "wide" else where)
+    parts.append(f"{where} (own direction)" if params.get("source") == "wide" else where)
     for comp in ("attn", "mlp"):
         kind = params[f"{comp}.kind"]
         if kind == "off":
