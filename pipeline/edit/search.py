@@ -107,7 +107,9 @@ class SearchConfig(BaseModel):
         0, ge=0, description="Gradient steps fitting the chain's directions to the plain edit (`direction_fit`): "
         "at the chosen layer, the span moves to lower the harmless first-token KL while the base's refusals stay "
         "no more likely, on the measurement prompts only; trials may remove the fitted span instead, and the plain "
-        "edit made with it is always a finalist. 0 (default): off. About 7 s a step on Qwen2.5-0.5B (2 cores).")
+        "edit made with it is always a finalist. 0 (default): off. On Qwen2.5-0.5B (about 7 s a step on 2 cores) the "
+        "fitted span made the base's refusal openings unlikely but refused 18.8% of the confirm prompts against the "
+        "plain edit's 9.4% at the same KL: the refusal likelihood is gamed, not refusal removed (bench/README.md).")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
