@@ -1,4 +1,4 @@
-"""Fit measured refusal directions to the edit that removes them: as strong, cheaper in KL.
+"""Fit measured refusal directions to the edit that removes them, aiming at the same strength for less KL.
 
 A mean difference over a few dozen prompts points partly along what harmless prompts use too, and removing that
 part costs KL without removing more refusal: on Qwen2.5-Coder-0.5B the directions measured from three draws of
@@ -7,8 +7,12 @@ starts from the measured span at the chosen layer and moves it by gradient steps
 on the residual writers (the edit's own per-layer strengths, the standard method's projection), to lower the
 first-token KL on the harmless measurement prompts while the base model's own refusals of the harmful
 measurement prompts become no more likely than under the measured span (no weaker; the search then matches
-strengths itself). Only measurement prompts are used, so
-the evaluation (and the search's parts) stay unseen.
+strengths itself). Only measurement prompts are used, so the evaluation (and the search's parts) stay unseen.
+
+Measured on Qwen2.5-Coder-0.5B, this objective is gamed: the fitted span makes the base's exact refusal openings
+unlikely while the model goes on refusing in other words (at the plain edit's weights, refusal likelihood 0.289
+against 0.529, yet 18.8% of the confirm prompts refused against 9.4%; bench/README.md). The hooks and the loop are
+sound (tests/test_direction_fit.py); the refusal term needs to be one that rewording cannot satisfy.
 """
 
 from __future__ import annotations
