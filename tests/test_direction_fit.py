@@ -52,10 +52,11 @@ def test_the_hooks_remove_what_the_weight_edit_removes(demo_loaded, demo_dirs, d
     assert torch.equal(_logits(demo_loaded, prompts), base)  # no hook is left behind
 
 
-def test_fitting_removes_what_harmless_prompts_use_from_a_direction_at_no_loss_of_strength(
+def test_fitting_turns_a_direction_away_from_the_harmless_mean_without_raising_its_objective(
         demo_loaded, demo_dirs, demo_prompts):
     """A direction mixed with the harmless mean spends the edit on what harmless prompts use: the fit must turn it
-    back towards refusal, leaving the edit no weaker and no costlier on the prompts it was fitted to."""
+    away from that mean, with neither the refusal likelihood nor the KL higher on the prompts it was fitted to
+    (the objective's own terms; whether replies refuse less is measured on a real model in bench/README.md)."""
     d = dirs.load(demo_dirs)
     layer = d.suggested_layer
     mixed = d.directions.clone()
