@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from pipeline.edit import directions as dirs
-from pipeline.edit.abliterate import EditConfig, strength_of, strengths
+from pipeline.edit.abliterate import EditConfig, orthonormal, strength_of, strengths
 from pipeline.edit.architectures import find_writers
+from pipeline.evaluation.evaluate import kl_per_prompt
 from pipeline.evaluation.likelihood import MAX_TOKENS
 from pipeline.io.chat import format_prompts, input_device, prepare_tokenizer
 from pipeline.io.loading import Loaded
@@ -93,8 +94,7 @@ def refusal_probability(model: Any, tokenizer: Any, rows: list[tuple[list[int], 
 
 def first_token_kl(model: Any, tokenizer: Any, rows: list[list[int]], base: torch.Tensor) -> torch.Tensor:
     """Mean KL(base || model) of the first answer token over ``rows`` (``base``: their unedited log-probs)."""
-    logp = _logprobs(model, tokenizer, rows, 1)[:, -1]
-    return (base.exp() * (base - logp)).sum(-1).mean()
+    return kl_per_prompt(base, _logprobs(model, tokenizer, rows, 1)[:, -1]).mean()
 
 
 def _chats(tokenizer: Any, prompts: Sequence[str], prefill_think: bool) -> list[list[int]]:
@@ -153,7 +153,7 @@ def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful
     rows = torch.nn.Parameter(start.clone())
 
     def basis() -> torch.Tensor:
-        return dirs.unit(rows).float() if len(rows) == 1 else _orthonormal(rows).float()
+        return orthonormal(rows).float()
 
     grads = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
@@ -170,11 +170,6 @@ def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful
         f"{after[0]:.4f}, KL {before[1]:.4f} -> {after[1]:.4f}")
     return _with_span(d, q, {"steps": steps, "learning_rate": learning_rate, "refusals": len(refusals),
                              "harmless": len(plain), "likelihood": [before[0], after[0]], "kl": [before[1], after[1]]})
-
-
-def _orthonormal(rows: torch.Tensor) -> torch.Tensor:
-    q, r = torch.linalg.qr(rows.T)
-    return (q * torch.sign(r.diagonal())).T
 
 
 def _descend(model: Any, tokenizer: Any, hooks: list, basis: Callable[[], torch.Tensor], rows: torch.nn.Parameter,

@@ -395,12 +395,12 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         say("measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
     more = wider_prompts(job.model, job.prompts, prompts, cfg.wide_prompts) if cfg.wide_prompts else None
-    wide, pool = None, ()
+    own = None  # the search's own directions and the prompts that measured them
     if more is not None:
         say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
             f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
         pooled = job.measure.model_copy(update={"set_directions": False})
-        wide, pool = stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[1]
+        own, pool = (stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[0]), more[1]
         harmful, harmless, groups = split["confirm"]
         split["confirm"] = (harmful, harmless + pool, groups)
     if cfg.fit_steps:
@@ -408,12 +408,12 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
             "prompts)")
         fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure,
                                 cfg.fit_steps, cfg.fit_learning_rate, prefill_think=eval_cfg.prefill_think, say=say)
-        wide, more = (fitted, (prompts, ())) if fitted is not d else (None, None)
+        own = (fitted, prompts) if fitted is not d else None
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = measured_parts(loaded, split, eval_cfg, job.model)
-    bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0, wide=wide)
-    return study, bench, {"chain": prompts} | ({"wide": more[0]} if more else {}), path
+    bench = Workbench(loaded, d, parts, eval_cfg, embed=job.edit.embed_strength > 0, wide=own[0] if own else None)
+    return study, bench, {"chain": prompts} | ({"wide": own[1]} if own else {}), path
 
 
 def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = print,
