@@ -20,7 +20,7 @@ test part is not used.
     .venv/bin/python bench/bench_direction_variants.py [--model qwen] [--directions bench/results/real-out]
         [--seed N] [VARIANT ...]   (default: wide-set whiten:10:u whiten:3:u whiten:1:c draw:1 draw:2 draw:3)
 
-Prints a line per variant and a SUMMARY line; writes bench/results/bench_direction_variants[-MODEL].json.
+Prints a line per variant and a SUMMARY line; writes bench/results/bench_direction_variants[-MODEL][-seedN].json.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ space better than a simpler one?
 whose directions `--directions bench/results/real-out-seedN` gives): the plain edit is then the default chain's on
 a draw it was not tuned on.
 
-Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN].json.
+Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN][-fitN].json.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(c) Pareto front area (refusal x KL, up to {ref[0]:.2f} x {ref[1]:.4f}): ours {areas['ours']:.5f}, "
               f"simple space {areas['simple']:.5f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if args.model == "demo" else f"-{args.model}") + (f"-seed{args.seed}" if args.seed else "")
+    suffix = ("" if args.model == "demo" else f"-{args.model}") + (f"-seed{args.seed}" if args.seed else "") + (
+        f"-fit{args.fit_steps}" if args.fit_steps else "")
     (RESULTS / f"bench_search{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     verdict = ("the plain edit was the best choice" if same else
                "beats the plain edit" if beats else "does NOT beat the plain edit")
