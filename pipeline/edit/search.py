@@ -33,12 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
-from pipeline.edit.direction_fit import fit_directions
 from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_of, rank
 from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
-from pipeline.edit.search_workbench import Workbench, measured_parts, split_parts, wider_prompts
+from pipeline.edit.search_workbench import Workbench, measured_parts, own_directions, split_parts
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.loading import Loaded, load_model
@@ -394,21 +393,8 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     elif d is None:
         say("measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
-    more = wider_prompts(job.model, job.prompts, prompts, cfg.wide_prompts) if cfg.wide_prompts else None
-    own = None  # the search's own directions and the prompts that measured them
-    if more is not None:
-        say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
-            f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
-        pooled = job.measure.model_copy(update={"set_directions": False})
-        own, pool = (stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[0]), more[1]
-        harmful, harmless, groups = split["confirm"]
-        split["confirm"] = (harmful, harmless + pool, groups)
-    if cfg.fit_steps:
-        say(f"fitting the search's own directions to the plain edit ({cfg.fit_steps} steps on the measurement "
-            "prompts)")
-        fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure,
-                                cfg.fit_steps, cfg.fit_learning_rate, prefill_think=eval_cfg.prefill_think, say=say)
-        own = (fitted, prompts) if fitted is not d else None
+    own, split = own_directions(loaded, d, prompts, split, job, cfg.wide_prompts, cfg.fit_steps,
+                                cfg.fit_learning_rate, eval_cfg.prefill_think, say)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = measured_parts(loaded, split, eval_cfg, job.model)

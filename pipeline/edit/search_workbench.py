@@ -4,7 +4,7 @@ each part measured once, on which trials apply edits in place and revert them ex
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,6 +15,7 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig, apply_in_memory
 from pipeline.edit.architectures import find_writers, model_type_of, num_layers_of
+from pipeline.edit.direction_fit import fit_directions
 from pipeline.edit.search_space import to_edit
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (
@@ -48,8 +49,11 @@ class Part:  # one share of the evaluation prompts, with the base model's side m
     ref: Any  # BaseReference
 
 
+Split = dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]  # part: (harmful, harmless, groups)
+
+
 def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequence[str],
-                test_fraction: float) -> dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]]:
+                test_fraction: float) -> Split:
     """trial / confirm / test prompts: the test part holds ``test_fraction``, the rest is halved."""
     def take(items: Sequence[str], idx: list[int]) -> tuple[str, ...]:
         return tuple(items[i] for i in idx)
@@ -68,7 +72,7 @@ def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequenc
     return parts
 
 
-def measured_parts(loaded: Loaded, split: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]],
+def measured_parts(loaded: Loaded, split: Split,
                    eval_cfg: EvalConfig, model_id: str) -> dict[str, Part]:
     """Each part of ``split`` (see `split_parts`) with the base model's side measured once; perplexity on the
     test part only, where the chosen edit is reported."""
@@ -93,6 +97,28 @@ def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prom
         return None
     harmless = replace(more.harmless, measure=(*prompts.harmless.measure, *rest[0::2]))
     return replace(more, harmless=harmless), tuple(rest[1::2])
+
+
+def own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, split: Split,
+                   job: stages.AbliterateJob, wide_prompts: int, fit_steps: int, fit_learning_rate: float,
+                   prefill_think: bool, say: Callable[[str], None]
+                   ) -> tuple[tuple[dirs.Directions, stages.Prompts] | None, Split]:
+    """The search's own directions with the prompts that measured them (None when it has none), and ``split``
+    with the confirm part's harmless prompts extended by the pool `wider_prompts` kept unmeasured."""
+    more = wider_prompts(job.model, job.prompts, prompts, wide_prompts) if wide_prompts else None
+    if more is not None:
+        say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
+            f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
+        pooled = job.measure.model_copy(update={"set_directions": False})
+        harmful, harmless, groups = split["confirm"]
+        split = {**split, "confirm": (harmful, harmless + more[1], groups)}
+        return (stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[0]), split
+    if fit_steps:
+        say(f"fitting the search's own directions to the plain edit ({fit_steps} steps on the measurement prompts)")
+        fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure, fit_steps,
+                                fit_learning_rate, prefill_think=prefill_think, say=say)
+        return ((fitted, prompts) if fitted is not d else None), split
+    return None, split
 
 
 def centre_of(d: dirs.Directions) -> float:
