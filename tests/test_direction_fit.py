@@ -52,11 +52,12 @@ def test_the_hooks_remove_what_the_weight_edit_removes(demo_loaded, demo_dirs, d
     assert torch.equal(_logits(demo_loaded, prompts), base)  # no hook is left behind
 
 
-def test_fitting_turns_a_direction_away_from_the_harmless_mean_without_raising_its_objective(
+def test_fitting_turns_a_direction_away_from_the_harmless_mean_and_keeps_the_plain_edits_effect(
         demo_loaded, demo_dirs, demo_prompts):
     """A direction mixed with the harmless mean spends the edit on what harmless prompts use: the fit must turn it
-    away from that mean, with neither the refusal likelihood nor the KL higher on the prompts it was fitted to
-    (the objective's own terms; whether replies refuse less is measured on a real model in bench/README.md)."""
+    away from that mean, lowering the KL on the harmless prompts it was fitted to while the harmful ones keep the
+    plain edit's next-token distributions (the objective's own terms; refusals in generated replies are measured
+    on a real model in bench/README.md)."""
     d = dirs.load(demo_dirs)
     layer = d.suggested_layer
     mixed = d.directions.clone()
@@ -68,13 +69,12 @@ def test_fitting_turns_a_direction_away_from_the_harmless_mean_without_raising_i
     fitted = fit_directions(demo_loaded, d, EditConfig(), demo_prompts.harmful.measure, demo_prompts.harmless.measure,
                             steps=20, learning_rate=0.02, say=lines.append)
     record = fitted.info["fit"]
-    assert record["steps"] == 20 and record["refusals"] >= 2
+    assert record["steps"] == 20 and record["harmful"] == len(demo_prompts.harmful.measure)
     assert record["harmless"] == len(demo_prompts.harmless.measure)
-    (lik0, lik1), (kl0, kl1) = record["likelihood"], record["kl"]
-    # On the refusal x KL plane the fitted span dominates the mixed one: no weaker, no costlier, and clearly better
-    # on one of the two (here it removes more refusal for the same KL: 0.28 -> 0.20 at 0.048).
-    assert lik1 <= lik0 + 0.01 and kl1 <= 1.05 * kl0, record
-    assert lik1 < lik0 - 0.03 or kl1 < 0.7 * kl0, record
+    (held0, held1), (kl0, kl1) = record["held"], record["kl"]
+    assert held0 < 1e-4  # the plain edit is its own teacher (stored in bfloat16)
+    assert kl1 < 0.7 * kl0, record
+    assert held1 < 0.2 * kl0, record
     moved = fitted.directions[layer]
     assert abs(float(moved.norm()) - 1) < 1e-5
     mean = dirs.unit(d.harmless_mean[layer])
@@ -133,3 +133,30 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
         text = render_card(tmp_path / "out", None)
         assert ("fitted to the default edit: 10 gradient steps" in text) == expected
         assert (f"{record['kl'][0]:.4f} → {record['kl'][1]:.4f}" in text) == expected
+
+
+def test_the_fitted_span_refuses_no_more_evaluation_prompts_at_a_lower_kl(demo_loaded, demo_dirs, demo_prompts):
+    """By generated replies on the evaluation prompts, which the fit never saw: the span fitted from the mixed one
+    (previous test) refuses no more harmful prompts and costs less KL on the harmless ones, at the same weights."""
+    from pipeline.evaluation.evaluate import evaluate, reference
+
+    d = dirs.load(demo_dirs)
+    layer = d.suggested_layer
+    mixed = d.directions.clone()
+    mixed[layer] = dirs.unit(d.directions[layer] + 0.6 * dirs.unit(d.harmless_mean[layer]))
+    d = dataclasses.replace(d, directions=mixed, set_directions=None)
+    fitted = fit_directions(demo_loaded, d, EditConfig(), demo_prompts.harmful.measure, demo_prompts.harmless.measure,
+                            steps=20, learning_rate=0.02)
+    harmful, harmless = demo_prompts.harmful.evaluate, demo_prompts.harmless.evaluate
+    cfg = EvalConfig(max_new_tokens=16, perplexity=False)
+    base = reference(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg)
+    results = {}
+    for name, x in (("mixed", d), ("fitted", fitted)):
+        direction, _, placed = stages.chosen_direction(x, "best", EditConfig())
+        with removing(writer_hooks(demo_loaded.model, placed, x.num_layers), lambda q=direction: q[None]):
+            results[name] = evaluate(demo_loaded.model, demo_loaded.tokenizer, harmful, harmless, cfg, base=base)
+    refused = {k: r["refusals"]["model"]["total"] for k, r in results.items()}
+    kl = {k: r["kl_divergence"] for k, r in results.items()}
+    assert refused["mixed"] < results["mixed"]["refusals"]["base"]["total"]  # the edit removes refusal at all
+    assert refused["fitted"] <= refused["mixed"], (refused, kl)
+    assert kl["fitted"] < 0.8 * kl["mixed"], (refused, kl)

@@ -30,7 +30,6 @@ from pipeline.edit import directions as dirs
 from pipeline.edit.abliterate import EditConfig, orthonormal, strength_of, strengths
 from pipeline.edit.architectures import find_writers
 from pipeline.evaluation.evaluate import kl_per_prompt
-from pipeline.evaluation.likelihood import MAX_TOKENS
 from pipeline.io.chat import format_prompts, input_device, prepare_tokenizer
 from pipeline.io.loading import Loaded
 
@@ -83,13 +82,15 @@ def _logprobs(model: Any, tokenizer: Any, rows: list[list[int]], keep: int) -> t
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def refusal_probability(model: Any, tokenizer: Any, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean geometric-mean probability of each reply after its prompt (`pipeline.evaluation.likelihood`'s measure,
-    differentiable)."""
+def kl_along(model: Any, tokenizer: Any, rows: list[tuple[list[int], list[int]]],
+             teacher: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(mean KL(teacher || model) per reply token, the model's log-probs at each reply token) along each reply
+    after its prompt; the KL is 0 without a ``teacher`` (log-probs per row, as this returns them)."""
     logp = _logprobs(model, tokenizer, [p + r for p, r in rows], max(len(r) for _, r in rows) + 1)[:, :-1]
-    scores = [logp[b, logp.shape[1] - len(r):].gather(-1, torch.tensor(r, device=logp.device)[:, None]).mean().exp()
-              for b, (_, r) in enumerate(rows)]
-    return torch.stack(scores).mean()
+    own = [logp[b, logp.shape[1] - len(r):] for b, (_, r) in enumerate(rows)]
+    if teacher is None:
+        return logp.new_zeros(()), own
+    return torch.stack([kl_per_prompt(t.float(), x).mean() for t, x in zip(teacher, own, strict=True)]).mean(), own
 
 
 def first_token_kl(model: Any, tokenizer: Any, rows: list[list[int]], base: torch.Tensor) -> torch.Tensor:
@@ -106,27 +107,41 @@ def _batches(n: int, size: int, rng: random.Random) -> list[int]:
     return rng.sample(range(n), min(size, n))
 
 
-def _scores(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, refusals: list, harmless: list,
-              base: torch.Tensor, size: int) -> tuple[float, float]:
-    """(refusal likelihood, KL) of the span ``q`` over all the fitting prompts."""
+def _scores(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, replies: list, teacher: list, harmless: list,
+            base: torch.Tensor, size: int) -> tuple[float, float]:
+    """(KL to the plain edit along its replies, harmless first-token KL) of the span ``q`` over all the fitting
+    prompts."""
     with torch.no_grad(), removing(hooks, lambda: q):
-        lik = sum(float(refusal_probability(model, tokenizer, refusals[i:i + size])) * len(refusals[i:i + size])
-                  for i in range(0, len(refusals), size)) / len(refusals)
+        held = sum(float(kl_along(model, tokenizer, replies[i:i + size], teacher[i:i + size])[0]) *
+                   len(replies[i:i + size]) for i in range(0, len(replies), size)) / len(replies)
         kl = sum(float(first_token_kl(model, tokenizer, harmless[i:i + size], base[i:i + size])) *
                  len(harmless[i:i + size]) for i in range(0, len(harmless), size)) / len(harmless)
-    return lik, kl
+    return held, kl
+
+
+def _teacher(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, prompts: Sequence[str], chats: list,
+             reply_tokens: int, size: int, prefill_think: bool) -> tuple[list, list]:
+    """The plain edit's greedy replies to ``prompts`` (rows: chat ids, reply ids) and its log-probs along them."""
+    from pipeline.evaluation.evaluate import generate_tokens
+
+    with torch.no_grad(), removing(hooks, lambda: q):
+        said = generate_tokens(model, tokenizer, list(prompts), reply_tokens, size, prefill_think)
+        replies = [(c, r) for c, r in zip(chats, said, strict=True) if r]
+        teacher = [x.to(torch.bfloat16) for i in range(0, len(replies), size)
+                   for x in kl_along(model, tokenizer, replies[i:i + size])[1]]
+    return replies, teacher
 
 
 def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful: Sequence[str],
                    harmless: Sequence[str], steps: int, learning_rate: float, batch_size: int = 8,
-                   penalty: float = 10.0, seed: int = 0, prefill_think: bool = True, reply_tokens: int = 12,
+                   weight: float = 4.0, seed: int = 0, prefill_think: bool = True, reply_tokens: int = 12,
                    say: Say | None = None) -> dirs.Directions:
     """``d`` with its span at the suggested layer fitted to ``edit`` (the plain edit: kernels, strengths) on the
     measurement prompts; ``d`` itself when there is nothing to fit (per-layer edits, writers that are not modules,
-    fewer than two refusals). Each step: KL on ``batch_size`` harmless prompts plus ``penalty`` times the excess of
-    the refusal likelihood over the measured span's, on as many refused prompts (the base's replies of
-    ``reply_tokens`` tokens judge which it refused; their first tokens are the refusals scored)."""
-    from pipeline.edit import selection, stages
+    no reply to fit to). Each step: first-token KL against the base on ``batch_size`` harmless prompts plus
+    ``weight`` times the KL against the plain edit along its own greedy replies (``reply_tokens``) to as many
+    harmful prompts."""
+    from pipeline.edit import stages
 
     say = say or log.info
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -137,19 +152,17 @@ def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful
             say("fitting the directions: not possible for this edit or architecture; the measured ones are used")
         return d
     prepare_tokenizer(tokenizer)
-    m = selection.replies_with_activations(model, tokenizer, list(harmful), reply_tokens)
-    refused = [(p, r) for p, r, x in zip(m.prompts, m.replies, m.refused, strict=True) if x and r]
-    if len(refused) < 2:
-        say(f"fitting the directions: the base refused {len(refused)} measurement prompts; the measured ones are used")
+    start = (direction[0] if direction.dim() == 3 else direction[None]).double()
+    replies, teacher = _teacher(model, tokenizer, hooks, start.float(), harmful,
+                                _chats(tokenizer, harmful, prefill_think), reply_tokens, batch_size, prefill_think)
+    if len(replies) < 2:
+        say("fitting the directions: the plain edit gave fewer than two replies to fit to; the measured ones are used")
         return d
-    chats = _chats(tokenizer, [p for p, _ in refused], prefill_think)
-    refusals = [(c, list(r[:MAX_TOKENS])) for c, (_, r) in zip(chats, refused, strict=True)]
     plain = _chats(tokenizer, harmless, prefill_think)
     with torch.no_grad():
         base = torch.cat([_logprobs(model, tokenizer, plain[i:i + batch_size], 1)[:, -1]
                           for i in range(0, len(plain), batch_size)])
-    start = (direction[0] if direction.dim() == 3 else direction[None]).double()
-    before = _scores(model, tokenizer, hooks, start.float(), refusals, plain, base, batch_size)
+    before = _scores(model, tokenizer, hooks, start.float(), replies, teacher, plain, base, batch_size)
     rows = torch.nn.Parameter(start.clone())
 
     def basis() -> torch.Tensor:
@@ -158,39 +171,42 @@ def fit_directions(loaded: Loaded, d: dirs.Directions, edit: EditConfig, harmful
     grads = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
-        _descend(model, tokenizer, hooks, basis, rows, refusals, plain, base, before[0], steps, learning_rate,
-                 batch_size, penalty, seed, say)
+        _descend(model, tokenizer, hooks, basis, rows, (replies, teacher), (plain, base), steps, learning_rate,
+                 batch_size, weight, seed, say)
     finally:
         for p, g in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(g)
     with torch.no_grad():
         q = basis()
-    after = _scores(model, tokenizer, hooks, q, refusals, plain, base, batch_size)
-    say(f"fitted the directions in {steps} steps: on the measurement prompts refusal likelihood {before[0]:.4f} -> "
-        f"{after[0]:.4f}, KL {before[1]:.4f} -> {after[1]:.4f}")
-    return _with_span(d, q, {"steps": steps, "learning_rate": learning_rate, "refusals": len(refusals),
-                             "harmless": len(plain), "likelihood": [before[0], after[0]], "kl": [before[1], after[1]]})
+    after = _scores(model, tokenizer, hooks, q, replies, teacher, plain, base, batch_size)
+    say(f"fitted the directions in {steps} steps: on the measurement prompts KL to the plain edit on harmful "
+        f"prompts {before[0]:.4f} -> {after[0]:.4f}, KL to the base on harmless ones {before[1]:.4f} -> {after[1]:.4f}")
+    return _with_span(d, q, {"steps": steps, "learning_rate": learning_rate, "weight": weight,
+                             "harmful": len(replies), "harmless": len(plain), "reply_tokens": reply_tokens,
+                             "held": [before[0], after[0]], "kl": [before[1], after[1]]})
 
 
 def _descend(model: Any, tokenizer: Any, hooks: list, basis: Callable[[], torch.Tensor], rows: torch.nn.Parameter,
-             refusals: list, plain: list, base: torch.Tensor, target: float, steps: int, learning_rate: float,
-             batch_size: int, penalty: float, seed: int, say: Say) -> None:
+             harmful: tuple[list, list], harmless: tuple[list, torch.Tensor], steps: int, learning_rate: float,
+             batch_size: int, weight: float, seed: int, say: Say) -> None:
+    (replies, teacher), (plain, base) = harmful, harmless
     rng = random.Random(seed)
     opt = torch.optim.Adam([rows], lr=learning_rate)
     for step in range(steps):
         with removing(hooks, basis):
-            lik = refusal_probability(model, tokenizer, [refusals[i] for i in _batches(len(refusals), batch_size, rng)])
+            hi = _batches(len(replies), batch_size, rng)
+            held, _ = kl_along(model, tokenizer, [replies[i] for i in hi], [teacher[i] for i in hi])
             bi = _batches(len(plain), batch_size, rng)
             kl = first_token_kl(model, tokenizer, [plain[i] for i in bi], base[bi])
-            loss = kl + penalty * torch.relu(lik - target)
+            loss = kl + weight * held
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
             rows.div_(rows.norm(dim=1, keepdim=True))
         if step % 10 == 9 or step == steps - 1:
-            say(f"fitting the directions: step {step + 1}/{steps}, batch refusal likelihood {lik.item():.3f}, "
-                f"KL {kl.item():.4f}")
+            say(f"fitting the directions: step {step + 1}/{steps}, batch KL to the plain edit {held.item():.4f}, "
+                f"to the base {kl.item():.4f}")
 
 
 def _with_span(d: dirs.Directions, q: torch.Tensor, record: dict[str, Any]) -> dirs.Directions:
