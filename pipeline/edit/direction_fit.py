@@ -5,14 +5,14 @@ part costs KL without removing more refusal: on Qwen2.5-Coder-0.5B the direction
 the same prompt sets cost up to five times each other's KL at equal strength (bench/README.md). `fit_directions`
 starts from the measured span at the chosen layer and moves it by gradient steps, with the edit applied as hooks
 on the residual writers (the edit's own per-layer strengths, the standard method's projection), to lower the
-first-token KL on the harmless measurement prompts while the base model's own refusals of the harmful
-measurement prompts become no more likely than under the measured span (no weaker; the search then matches
-strengths itself). Only measurement prompts are used, so the evaluation (and the search's parts) stay unseen.
+first-token KL against the base on the harmless measurement prompts while the harmful measurement prompts keep
+the plain edit's own next-token distributions along its greedy replies (the plain edit is the teacher). Only
+measurement prompts are used, so the evaluation (and the search's parts) stay unseen.
 
-Measured on Qwen2.5-Coder-0.5B, this objective is gamed: the fitted span makes the base's exact refusal openings
-unlikely while the model goes on refusing in other words (at the plain edit's weights, refusal likelihood 0.289
-against 0.529, yet 18.8% of the confirm prompts refused against 9.4%; bench/README.md). The hooks and the loop are
-sound (tests/test_direction_fit.py); the refusal term needs to be one that rewording cannot satisfy.
+An earlier objective (the base's refusal openings no more likely than under the plain edit) was gamed: the model
+went on refusing in other words. Keeping the plain edit's whole distribution along its compliant replies leaves no
+such way out; on Qwen2.5-Coder-0.5B the fitted span refused 11 of 96 unseen harmful prompts against the plain
+edit's 9 at its weights, and 8 at 1.2 times them (bench/README.md).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_o
 from pipeline.edit.search_refine import match_strength, refine, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
-from pipeline.edit.search_workbench import Workbench, measured_parts, own_directions, split_parts
+from pipeline.edit.search_workbench import Workbench, measured_parts, prepare_own_directions, split_parts
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.loading import Loaded, load_model
@@ -104,12 +104,16 @@ class SearchConfig(BaseModel):
         "Nothing is measured when the chain already took every prompt (the demo).")
     fit_steps: int = Field(
         0, ge=0, description="Gradient steps fitting the chain's directions to the plain edit (`direction_fit`): "
-        "at the chosen layer, the span moves to lower the harmless first-token KL while the base's refusals stay "
-        "no more likely, on the measurement prompts only; trials may remove the fitted span instead, and the plain "
-        "edit made with it is always a finalist. 0 (default): off. On Qwen2.5-0.5B (about 7 s a step on 2 cores) the "
-        "fitted span made the base's refusal openings unlikely but refused 18.8% of the confirm prompts against the "
-        "plain edit's 9.4% at the same KL: the refusal likelihood is gamed, not refusal removed (bench/README.md).")
+        "at the chosen layer, the span moves to lower the first-token KL on harmless measurement prompts while the "
+        "harmful ones keep the plain edit's next-token distributions along its own replies; trials may remove the "
+        "fitted span instead, and the plain edit made with it is always a finalist. 0 (default): off. On "
+        "Qwen2.5-0.5B (about 8 s a step on 2 cores) 40 steps at the plain edit's weights refused 11 of 96 unseen "
+        "prompts against its 9, and at 1.2 times them 8, at the same KL on 78 unseen harmless prompts "
+        "(bench/README.md).")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
+    fit_weight: float = Field(
+        4.0, gt=0, description="Weight of keeping the plain edit's effect on harmful prompts against lowering the KL "
+        "on harmless ones, in --fit-steps (both KL divergences; 1 gave up too much: 20 of 96 refused against 9).")
     refine: int = Field(
         0, ge=0, description="Rounds of refining the plain edit at --refine-margin's strength: each round tries every "
         "small move (method, attention/MLP balance, kernel reach and place) matched to that strength by refusal "
@@ -383,7 +387,7 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
                "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
                "search space": space, "test_fraction": cfg.test_fraction, "wide_prompts": cfg.wide_prompts,
-               "fit_steps": cfg.fit_steps, "fit_learning_rate": cfg.fit_learning_rate}
+               "fit_steps": cfg.fit_steps, "fit_learning_rate": cfg.fit_learning_rate, "fit_weight": cfg.fit_weight}
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -393,8 +397,7 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     elif d is None:
         say("measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
-    own, split = own_directions(loaded, d, prompts, split, job, cfg.wide_prompts, cfg.fit_steps,
-                                cfg.fit_learning_rate, eval_cfg.prefill_think, say)
+    own, split = prepare_own_directions(loaded, d, prompts, split, job, cfg, eval_cfg.prefill_think, say)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = measured_parts(loaded, split, eval_cfg, job.model)

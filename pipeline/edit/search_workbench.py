@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from pipeline.evaluation.evaluate import (
 )
 from pipeline.evaluation.likelihood import refusal_likelihood
 from pipeline.io.loading import Loaded
+
+if TYPE_CHECKING:  # search.py imports this module
+    from pipeline.edit.search import SearchConfig
 
 
 def held_out(n: int, fraction: float) -> tuple[list[int], list[int]]:
@@ -99,13 +102,12 @@ def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prom
     return replace(more, harmless=harmless), tuple(rest[1::2])
 
 
-def own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, split: Split,
-                   job: stages.AbliterateJob, wide_prompts: int, fit_steps: int, fit_learning_rate: float,
-                   prefill_think: bool, say: Callable[[str], None]
+def prepare_own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, split: Split,
+                   job: stages.AbliterateJob, cfg: SearchConfig, prefill_think: bool, say: Callable[[str], None]
                    ) -> tuple[tuple[dirs.Directions, stages.Prompts] | None, Split]:
     """The search's own directions with the prompts that measured them (None when it has none), and ``split``
     with the confirm part's harmless prompts extended by the pool `wider_prompts` kept unmeasured."""
-    more = wider_prompts(job.model, job.prompts, prompts, wide_prompts) if wide_prompts else None
+    more = wider_prompts(job.model, job.prompts, prompts, cfg.wide_prompts) if cfg.wide_prompts else None
     if more is not None:
         say(f"measuring the search's own directions from {len(more[0].harmful.measure)} harmful / "
             f"{len(more[0].harmless.measure)} harmless prompts (--wide-prompts)")
@@ -113,10 +115,11 @@ def own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, 
         harmful, harmless, groups = split["confirm"]
         split = {**split, "confirm": (harmful, harmless + more[1], groups)}
         return (stages.measure_directions(loaded, more[0], pooled, job.edit, say), more[0]), split
-    if fit_steps:
-        say(f"fitting the search's own directions to the plain edit ({fit_steps} steps on the measurement prompts)")
-        fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure, fit_steps,
-                                fit_learning_rate, prefill_think=prefill_think, say=say)
+    if cfg.fit_steps:
+        say(f"fitting the search's own directions to the plain edit ({cfg.fit_steps} steps on the measurement "
+            "prompts)")
+        fitted = fit_directions(loaded, d, job.edit, prompts.harmful.measure, prompts.harmless.measure, cfg.fit_steps,
+                                cfg.fit_learning_rate, weight=cfg.fit_weight, prefill_think=prefill_think, say=say)
         return ((fitted, prompts) if fitted is not d else None), split
     return None, split
 
