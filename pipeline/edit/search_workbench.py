@@ -75,8 +75,7 @@ def split_parts(harmful: Sequence[str], harmless: Sequence[str], groups: Sequenc
     return parts
 
 
-def measured_parts(loaded: Loaded, split: Split,
-                   eval_cfg: EvalConfig, model_id: str) -> dict[str, Part]:
+def measured_parts(loaded: Loaded, split: Split, eval_cfg: EvalConfig, model_id: str) -> dict[str, Part]:
     """Each part of ``split`` (see `split_parts`) with the base model's side measured once; perplexity on the
     test part only, where the chosen edit is reported."""
     parts = {}
@@ -103,8 +102,8 @@ def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prom
 
 
 def prepare_own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, split: Split,
-                   job: stages.AbliterateJob, cfg: SearchConfig, prefill_think: bool, say: Callable[[str], None]
-                   ) -> tuple[tuple[dirs.Directions, stages.Prompts] | None, Split]:
+                           job: stages.AbliterateJob, cfg: SearchConfig, prefill_think: bool,
+                           say: Callable[[str], None]) -> tuple[tuple[dirs.Directions, stages.Prompts] | None, Split]:
     """The search's own directions with the prompts that measured them (None when it has none), and ``split``
     with the confirm part's harmless prompts extended by the pool `wider_prompts` kept unmeasured."""
     more = wider_prompts(job.model, job.prompts, prompts, cfg.wide_prompts) if cfg.wide_prompts else None
