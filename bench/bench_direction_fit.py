@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"plain edit: refused {base['refused']} of {n}", flush=True)
     for factor in [float(x) for x in args.factors.split(",")]:
         row = judged(bench, scaled(plain | {"source": "wide"}, factor))
-        row |= {"seen": paired(base["kls"][:seen], row["kls"][:seen]),
-                "unseen": paired(base["kls"][seen:], row["kls"][seen:])}
+        row |= {"kl_seen": paired(base["kls"][:seen], row["kls"][:seen]),
+                "kl_unseen": paired(base["kls"][seen:], row["kls"][seen:])}
         rows[f"fitted x{factor:g}"] = row
         print(f"fitted x{factor:g}: refused {row['refused']} of {n} (plain {base['refused']}); KL on {seen} seen "
-              f"{row['seen']['change']:+.1%} (z {row['seen']['z']:.2f}), on {len(row['kls']) - seen} unseen "
-              f"{row['unseen']['change']:+.1%} (z {row['unseen']['z']:.2f})", flush=True)
+              f"{row['kl_seen']['change']:+.1%} (z {row['kl_seen']['z']:.2f}), on {len(row['kls']) - seen} unseen "
+              f"{row['kl_unseen']['change']:+.1%} (z {row['kl_unseen']['z']:.2f})", flush=True)
     wins = [k for k, r in rows.items() if k != "plain" and r["refused"] <= base["refused"]
-            and r["unseen"]["z"] > 1.645 and r["seen"]["z"] > 0]
+            and r["kl_unseen"]["z"] > 1.645 and r["kl_seen"]["z"] > 0]
     print(f"SUMMARY direction fit ({args.model}, seed {args.seed}, {args.steps} steps, weight {args.weight:g}, "
           f"{fit_seconds:.0f} s): {len(wins)} of {len(rows) - 1} fitted edits refuse no more than the plain edit at a "
           f"clearly lower unseen KL{': ' + ', '.join(wins) if wins else ''}; {time.perf_counter() - began:.0f} s")

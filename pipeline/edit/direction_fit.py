@@ -11,8 +11,9 @@ measurement prompts are used, so the evaluation (and the search's parts) stay un
 
 An earlier objective (the base's refusal openings no more likely than under the plain edit) was gamed: the model
 went on refusing in other words. Keeping the plain edit's whole distribution along its compliant replies leaves no
-such way out; on Qwen2.5-Coder-0.5B the fitted span refused 11 of 96 unseen harmful prompts against the plain
-edit's 9 at its weights, and 8 at 1.2 times them (bench/README.md).
+such way out. On Qwen2.5-Coder-0.5B, at 1.2 times the plain edit's weights, the fitted span refused as many unseen
+harmful prompts as the plain edit at 21% of its KL where the measured directions were poor (seed-1 draw), and 8
+against 9 of 96 at equal KL where they were good (seed 0; bench/README.md).
 """
 
 from __future__ import annotations

@@ -107,9 +107,9 @@ class SearchConfig(BaseModel):
         "at the chosen layer, the span moves to lower the first-token KL on harmless measurement prompts while the "
         "harmful ones keep the plain edit's next-token distributions along its own replies; trials may remove the "
         "fitted span instead, and the plain edit made with it is always a finalist. 0 (default): off. On "
-        "Qwen2.5-0.5B (about 8 s a step on 2 cores) 40 steps at the plain edit's weights refused 11 of 96 unseen "
-        "prompts against its 9, and at 1.2 times them 8, at the same KL on 78 unseen harmless prompts "
-        "(bench/README.md).")
+        "Qwen2.5-0.5B (about 8 s a step on 2 cores), on a prompt draw with poor directions, the fitted span at 1.2 "
+        "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL; the search "
+        "still kept the plain edit, as it matches strengths by refusal likelihood (bench/README.md).")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     fit_weight: float = Field(
         4.0, gt=0, description="Weight of keeping the plain edit's effect on harmful prompts against lowering the KL "
