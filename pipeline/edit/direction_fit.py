@@ -30,7 +30,7 @@ import torch
 from pipeline.edit import directions as dirs
 from pipeline.edit.abliterate import EditConfig, orthonormal, strength_of, strengths
 from pipeline.edit.architectures import find_writers
-from pipeline.evaluation.evaluate import kl_per_prompt
+from pipeline.evaluation.evaluate import generate_tokens, kl_per_prompt
 from pipeline.io.chat import format_prompts, input_device, prepare_tokenizer
 from pipeline.io.loading import Loaded
 
@@ -123,8 +123,6 @@ def _scores(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, replies: l
 def _teacher(model: Any, tokenizer: Any, hooks: list, q: torch.Tensor, prompts: Sequence[str], chats: list,
              reply_tokens: int, size: int, prefill_think: bool) -> tuple[list, list]:
     """The plain edit's greedy replies to ``prompts`` (rows: chat ids, reply ids) and its log-probs along them."""
-    from pipeline.evaluation.evaluate import generate_tokens
-
     with torch.no_grad(), removing(hooks, lambda: q):
         said = generate_tokens(model, tokenizer, list(prompts), reply_tokens, size, prefill_think)
         replies = [(c, r) for c, r in zip(chats, said, strict=True) if r]
