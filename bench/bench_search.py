@@ -13,13 +13,13 @@ space better than a simpler one?
     refusal rate and the largest KL either study saw): larger is better.
 
     .venv/bin/python bench/bench_search.py [--model demo|qwen] [--trials 40] [--compare] [--directions DIR]
-        [--seed N] [--fit-steps N]
+        [--seed N] [--fit-steps N] [--confirm-prompts N]
 
 --seed N (not 0) draws other measurement and evaluation prompts from the same sets (as `bench_real.py --seed N`,
 whose directions `--directions bench/results/real-out-seedN` gives): the plain edit is then the default chain's on
 a draw it was not tuned on.
 
-Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN][-fitN].json.
+Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN][-fitN][-confirmN].json.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def trial_overhead(journal: Path) -> dict:
 
 
 def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: str, space: Any = None,
-               from_default: bool = True, seed: int = 0, fit_steps: int = 0) -> dict:
+               from_default: bool = True, seed: int = 0, fit_steps: int = 0, confirm_prompts: int = 0) -> dict:
     from pipeline.edit import search as se
     from pipeline.edit.search_space import suggest
     from pipeline.edit.stages import PromptsConfig
@@ -89,7 +89,7 @@ def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: s
 
     job = AbliterateJob(model=model, out=work / name, prompts=PromptsConfig(seed=seed))
     cfg = se.SearchConfig(trials=trials, study=work / f"{name}.journal", start_from_default=from_default,
-                          neighbours=from_default, fit_steps=fit_steps)
+                          neighbours=from_default, fit_steps=fit_steps, confirm_prompts=confirm_prompts)
     summary = se.search(job, cfg, progress, loaded, d, space or suggest)["search"]
     return {"seconds": round(time.perf_counter() - start, 1), "summary": summary,
             **trial_overhead(work / f"{name}.journal")}
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", type=Path, help="saved directions (default: measured here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the measurement/evaluation split")
     parser.add_argument("--fit-steps", type=int, default=0, help="SearchConfig.fit_steps of the search (a)")
+    parser.add_argument("--confirm-prompts", type=int, default=0, help="SearchConfig.confirm_prompts of the search (a)")
     args = parser.parse_args(argv)
 
     import torch
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded, resolve_prompts(model, PromptsConfig(seed=args.seed)), dirs.DirectionsConfig())
     setup = time.perf_counter() - began
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
-        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed, fit_steps=args.fit_steps)
+        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed, fit_steps=args.fit_steps,
+                          confirm_prompts=args.confirm_prompts)
         simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False, args.seed)
                   if args.compare else None)
     s = ours["summary"]
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials; the whole "
           f"search {ours['seconds']:.0f} s")
     result = {"model": args.model, "seed": args.seed, "fit_steps": args.fit_steps,
+              "confirm_prompts": args.confirm_prompts,
               "trials": args.trials, "threads": torch.get_num_threads(),
               "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
     hv = ""
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
               f"simple space {areas['simple']:.5f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.model == "demo" else f"-{args.model}") + (f"-seed{args.seed}" if args.seed else "") + (
-        f"-fit{args.fit_steps}" if args.fit_steps else "")
+        f"-fit{args.fit_steps}" if args.fit_steps else "") + (
+        f"-confirm{args.confirm_prompts}" if args.confirm_prompts else "")
     (RESULTS / f"bench_search{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     verdict = ("the plain edit was the best choice" if same else
                "beats the plain edit" if beats else "does NOT beat the plain edit")

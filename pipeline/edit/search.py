@@ -18,13 +18,10 @@ part that no trial saw.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +31,18 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import stages
 from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search_choice import Scored, choose, counterpart, finalists_of, rank
-from pipeline.edit.search_refine import match_strength, refine, strengthen
+from pipeline.edit.search_refine import match_strength, raise_by_replies, refine, seen_score, strengthen
 from pipeline.edit.search_report import describe, fmt_time, front_table, plot_pareto
 from pipeline.edit.search_space import from_edit, neighbours, scaled, suggest
-from pipeline.edit.search_workbench import Workbench, measured_parts, prepare_own_directions, split_parts
+from pipeline.edit.search_study import STUDY_NAME, open_study, quiet_optuna
+from pipeline.edit.search_workbench import (
+    Workbench,
+    confirm_on_more,
+    measured_parts,
+    prepare_own_directions,
+    refusal_of,
+    split_parts,
+)
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.io.loading import Loaded, load_model
@@ -48,7 +53,7 @@ if TYPE_CHECKING:  # run.py may import this module: no import cycle at run time
     from pipeline.edit.stages import AbliterateJob
 
 log = logging.getLogger(__name__)
-STUDY_NAME = "abliterate"
+__all__ = ["STUDY_NAME", "SearchConfig", "open_study", "quiet_optuna", "search"]
 SEARCH_FILE, PARETO_PNG = "search.json", "pareto.png"
 PARTS = ("trial", "confirm", "test")
 
@@ -110,6 +115,11 @@ class SearchConfig(BaseModel):
         "Qwen2.5-0.5B (about 8 s a step on 2 cores), on a prompt draw with poor directions, the fitted span at 1.2 "
         "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL; the search "
         "still kept the plain edit, as it matches strengths by refusal likelihood (bench/README.md).")
+    confirm_prompts: int = Field(
+        0, ge=0, description="Also confirm finalists on up to this many harmful and as many harmless prompts of the "
+        "same sets that neither measurement nor evaluation uses (the confirm part grows by them): a finalist's "
+        "refusal count then moves in smaller steps, at the cost of generating their replies once per finalist. "
+        "0 (default): off. Not with --wide-prompts, which measures from those prompts.")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     fit_weight: float = Field(
         4.0, gt=0, description="Weight of keeping the plain edit's effect on harmful prompts against lowering the KL "
@@ -120,62 +130,6 @@ class SearchConfig(BaseModel):
         "likelihood (forward passes, no generation) and keeps the one with the least KL; the result runs as one "
         "more trial. 0 (default): off. On Qwen2.5 its 7.5% lower KL on the 32 harmless prompts seen was 0.3% on "
         "231 others (bench/bench_kl_holdout.py): a few dozen prompts cannot rank shapes this close.")
-
-
-@contextmanager
-def quiet_optuna() -> Iterator[None]:
-    import optuna
-
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            yield
-    finally:
-        optuna.logging.set_verbosity(level)
-
-
-def open_study(path: Path, cfg: SearchConfig, context: dict[str, Any] | None = None) -> Any:
-    """Create or continue the study in the journal file ``path``; ``context`` must match a resumed one."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    path = Path(path).expanduser()
-    try:
-        _check_journal(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        existing = optuna.study.get_all_study_names(storage)
-        done = len(storage.get_all_trials(storage.get_study_id_from_name(STUDY_NAME))) if STUDY_NAME in existing else 0
-        sampler = optuna.samplers.TPESampler(seed=cfg.search_seed + done, multivariate=True, group=True,
-                                             n_startup_trials=max(4, min(10, (done + cfg.trials) // 4)))
-        study = optuna.create_study(storage=storage, sampler=sampler, study_name=STUDY_NAME, load_if_exists=True,
-                                    directions=["minimize", "minimize"])
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, AssertionError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:160]
-        raise UserError(f"cannot read study file '{path}' ({type(exc).__name__}: {reason}): give another --study "
-                        "(or remove that file if it is a broken study)") from exc
-    context, old = json.loads(json.dumps(context or {}, default=str)), study.user_attrs.get("context")
-    changed = sorted(k for k in set(old or {}) | set(context) if old is not None and old.get(k) != context.get(k))
-    if changed:
-        raise UserError(f"study file '{path}' was made with other {', '.join(changed)}: its scores do not compare; "
-                        "choose another --study")
-    if old is None:
-        study.set_user_attr("context", context)
-    return study
-
-
-def _check_journal(path: Path) -> None:
-    """ValueError unless every line of an existing file is an Optuna journal record (a JSON operation)."""
-    for number, line in enumerate(path.read_bytes().splitlines() if path.is_file() else [], 1):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict) or "op_code" not in record:
-            raise ValueError(f"line {number} is not an Optuna journal record")
 
 
 Space = Callable[[Any, SearchConfig, EditConfig], dict[str, Any]]  # samples a trial's parameters
@@ -222,13 +176,6 @@ def completed(study: Any) -> list[Scored]:
     from optuna.trial import TrialState
 
     return [_scored(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-
-
-def refusal_of(results: dict) -> float:
-    """The refusal rate a trial is scored by: with every reply undetermined (reasoning that never ended)
-    there is none, and such an edit is as bad as one that refuses everything."""
-    rate = results["refusal_rate"]["model"]
-    return 1.0 if rate is None else rate
 
 
 def default_trial(study: Any, trials: list[Scored]) -> Scored | None:
@@ -297,6 +244,8 @@ def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored
     twins: list[Scored] = []
     other = counterpart(picks, default)
     for t in picks:
+        if t is other and cfg.fit_steps:  # `reply_twin` raises the fitted span
+            continue
         if t is other:
             found = match_strength(bench, t.params, base, strength.target, strength.tol)
         else:
@@ -309,6 +258,32 @@ def calibrate(study: Any, bench: Workbench, picks: list[Scored], default: Scored
             f"plain edit: refusal {twin.refusal:.1%}, KL {twin.kl:.4f}")
         twins.append(twin)
     return twins
+
+
+def reply_twin(study: Any, bench: Workbench, picks: list[Scored], default: Scored | None, cfg: SearchConfig,
+               base: EditConfig, say: Progress, space: Space) -> tuple[list[Scored], set[int]]:
+    """The plain edit's fitted counterpart raised by its generated replies on the prompts seen until it refuses
+    a little less than the plain edit (`raise_by_replies`, ``cfg.twin_margin`` of the way the plain edit moved the
+    refusal rate), run as a new trial unless it is that strong as it is: (new trials, the numbers of the trials
+    matched so, which the refusal likelihood guard does not judge). The fit keeps the plain edit's replies, not
+    the base's refusal openings, so its likelihood does not compare: on Qwen2.5 the fitted span at the plain
+    edit's weights had a likelihood of 0.553 to its 0.483, yet refused within one prompt of it on 96."""
+    other = counterpart(picks, default)
+    if other is None or default is None or not cfg.fit_steps or not cfg.twins:
+        return [], set()
+    plain = seen_score(bench, default.params, base)
+    target = plain[0] - cfg.twin_margin * max(0.0, bench.base_rate - plain[0])
+    found = raise_by_replies(bench, other.params, base, plain, target, say=say)
+    if found is None:
+        say(f"trial {other.number} (the fitted span) reaches neither the plain edit's refusal nor a lower KL")
+        return [], set()
+    if found.factor == 1.0:
+        return [], {other.number}
+    twin = run_enqueued(study, bench, cfg, base, scaled(other.params, found.factor),
+                        {"twin_of": other.number, "by_replies": True}, space)
+    say(f"trial {twin.number}: trial {other.number} with weights x{found.factor:.2f}, refusing {found.refusal:.1%} "
+        f"of the prompts seen by its replies (plain edit {plain[0]:.1%}), KL {found.kl:.4f}")
+    return [twin], {twin.number}
 
 
 def refined_trial(study: Any, bench: Workbench, default: Scored | None, strength: Strength | None,
@@ -365,6 +340,9 @@ def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
         raise UserError("--auto edits the weights in place, which 4-bit weights do not allow: drop --load-in-4bit")
     if cfg.trials < 1:
         raise UserError(f"--trials must be at least 1, got {cfg.trials}")
+    if cfg.confirm_prompts and cfg.wide_prompts:
+        raise UserError("--confirm-prompts and --wide-prompts both use the prompts outside measurement and evaluation: "
+                        "choose one (--confirm-prompts 0 or --wide-prompts 0)")
     if cfg.fit_steps and cfg.wide_prompts:
         raise UserError("--fit-steps and --wide-prompts both give the search its own directions: choose one "
                         "(--fit-steps 0 or --wide-prompts 0)")
@@ -387,7 +365,8 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
     context = {"model": job.model, "prompts": prompts.record(), "max_new_tokens": eval_cfg.max_new_tokens,
                "prefill_think": eval_cfg.prefill_think, "directions": str(job.directions_file or "measured"),
                "search space": space, "test_fraction": cfg.test_fraction, "wide_prompts": cfg.wide_prompts,
-               "fit_steps": cfg.fit_steps, "fit_learning_rate": cfg.fit_learning_rate, "fit_weight": cfg.fit_weight}
+               "fit_steps": cfg.fit_steps, "fit_learning_rate": cfg.fit_learning_rate, "fit_weight": cfg.fit_weight
+               } | ({"confirm_prompts": cfg.confirm_prompts} if cfg.confirm_prompts else {})  # older studies match
     study = open_study(path, cfg, context)
     if loaded is None:
         say(f"loading {job.model}")
@@ -398,6 +377,7 @@ def _prepare(job: AbliterateJob, cfg: SearchConfig, loaded: Loaded | None, d: di
         say("measuring refusal directions")
         d = stages.measure_directions(loaded, prompts, job.measure, job.edit, say)
     own, split = prepare_own_directions(loaded, d, prompts, split, job, cfg, eval_cfg.prefill_think, say)
+    split = confirm_on_more(split, job, prompts, cfg.confirm_prompts, say)
     sizes = ", ".join(f"{k} {len(v[0])}" for k, v in split.items())
     say(f"evaluating the base model (harmful prompts per part: {sizes})")
     parts = measured_parts(loaded, split, eval_cfg, job.model)
@@ -427,9 +407,11 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         picks += [t for t in [counterpart(trials, default)] if t is not None and t not in picks]
         strength = strength_of(bench, default, cfg, job.edit)
         picks += calibrate(study, bench, picks, default, strength, cfg, job.edit, say, space)
-        picks += refined_trial(study, bench, default, strength, cfg, job.edit, say, space)
+        raised, by_replies = reply_twin(study, bench, picks, default, cfg, job.edit, say, space)
+        picks += raised + refined_trial(study, bench, default, strength, cfg, job.edit, say, space)
         trials = completed(study)
-        finalists = confirm(bench, picks, job.edit, say)
+        finalists = [replace(t, likelihood=None) if t.number in by_replies else t
+                     for t in confirm(bench, picks, job.edit, say)]
         default = next((t for t in finalists if default is not None and t.number == default.number), None)
         seen = len(bench.parts["trial"].harmful) + len(bench.parts["confirm"].harmful)
         chosen, rule = choose(finalists, bench.base_rate, cfg.target, cfg.search_max_kl, default, 1 / seen)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search_space import KERNEL_SPACE, METHODS, scaled, strength_cap
-from pipeline.edit.search_workbench import Workbench
+from pipeline.edit.search_workbench import Workbench, refusal_of
 
 # a kernel's fields by role, per kind: what a move scales or shifts
 ROLES = {"weight": ("strength", "max_weight"), "reach": ("width", "distance"), "place": ("shift",)}
@@ -143,3 +143,50 @@ def refine(bench: Workbench, start: dict[str, Any], base: EditConfig, target: fl
             break
         current, now, path = params, found, (*path, name)
     return Refined(current, matched, now, path) if path else None
+
+
+# Factors on the peak weights tried, in order, when an edit is raised by its replies (`raise_by_replies`).
+REPLY_FACTORS = (1.1, 1.2, 1.3, 1.4, 1.5)
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Raised:
+    factor: float  # on the kernels' peak weights (`scaled`)
+    refusal: float  # on the trial and confirm parts together, by generated replies
+    kl: float  # there
+
+
+def seen_score(bench: Workbench, params: dict[str, Any], base: EditConfig) -> tuple[float, float]:
+    """(refusal rate, KL) of an edit on the trial and confirm parts together (prompt-weighted), by generated
+    replies, as `search.confirm` scores finalists (the confirm part with its likelihood, so confirming the same
+    edit later evaluates nothing again)."""
+    edit = bench.edit_of(params, base)
+    runs = [(bench.run(*edit, part=p, likelihood=p == "confirm")[0], bench.parts[p]) for p in ("trial", "confirm")]
+    n, m = (sum(len(getattr(part, side)) for _, part in runs) for side in ("harmful", "harmless"))
+    refusal = sum(refusal_of(r) * len(part.harmful) for r, part in runs) / n
+    return refusal, sum(r["kl_divergence"] * len(part.harmless) for r, part in runs) / m
+
+
+def raise_by_replies(bench: Workbench, params: dict[str, Any], base: EditConfig, plain: tuple[float, float],
+                     target: float, factors: tuple[float, ...] = REPLY_FACTORS,
+                     say: Callable[[str], Any] | None = None) -> Raised | None:
+    """The first of 1 and ``factors`` (on ``params``' peak weights, within the search space) at which the edit
+    refuses at most ``target`` of the prompts seen, by generated replies (`seen_score`); failing that, the one
+    refusing least, if no more than the ``plain`` edit's (refusal, KL). Stops where the KL reaches the plain
+    edit's: no gain is left. For directions whose refusal likelihood does not compare with the plain edit's
+    (`direction_fit` keeps its replies, not the base's refusal openings)."""
+    found = None
+    for factor in (1.0, *(f for f in factors if f <= strength_cap(params) + EPS)):
+        refusal, kl = seen_score(bench, params if factor == 1.0 else scaled(params, factor), base)
+        if say:
+            say(f"raising by replies: x{factor:.2f} refuses {refusal:.1%} at KL {kl:.4f} (plain edit "
+                f"{plain[0]:.1%} at {plain[1]:.4f}; aim {target:.1%})")
+        if kl >= plain[1]:
+            break
+        if refusal <= plain[0] + EPS and (found is None or refusal < found.refusal - EPS):
+            found = Raised(factor, refusal, kl)
+        if refusal <= target + EPS:
+            break
+    return found
+

@@ -101,6 +101,34 @@ def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prom
     return replace(more, harmless=harmless), tuple(rest[1::2])
 
 
+def unmeasured_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prompts, n: int
+                       ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Up to ``n`` harmful and ``n`` harmless prompts of the same sets that neither the chain's measurement nor
+    its evaluation uses: (harmful, harmless, the set of each harmful one)."""
+    wanted = max(len(prompts.harmful.measure), len(prompts.harmless.measure)) + n
+    more = stages.resolve_prompts(model_id, cfg.model_copy(update={"max_prompts": max(2, wanted)}))
+
+    def rest(chain: stages.PromptSplit, wider: stages.PromptSplit) -> tuple[str, ...]:
+        taken = set(chain.measure) | set(chain.evaluate)
+        return tuple(p for p in wider.measure if p not in taken)[:n]
+
+    harmful, harmless = rest(prompts.harmful, more.harmful), rest(prompts.harmless, more.harmless)
+    sets = {p: s.source for s in more.harmful_sets or (more.harmful,) for p in s.measure}
+    return harmful, harmless, tuple(sets.get(p, more.harmful.source) for p in harmful)
+
+
+def confirm_on_more(split: Split, job: stages.AbliterateJob, prompts: stages.Prompts, n: int,
+                    say: Callable[[str], None]) -> Split:
+    """``split`` with up to ``n`` unmeasured prompts per class (`unmeasured_prompts`) added to its confirm part."""
+    if n < 1:
+        return split
+    extra = unmeasured_prompts(job.model, job.prompts, prompts, n)
+    harmful, harmless, groups = split["confirm"]
+    say(f"confirming finalists on {len(extra[0])} harmful / {len(extra[1])} harmless unmeasured prompts more "
+        "(--confirm-prompts)")
+    return {**split, "confirm": (harmful + extra[0], harmless + extra[1], groups + extra[2])}
+
+
 def prepare_own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.Prompts, split: Split,
                            job: stages.AbliterateJob, cfg: SearchConfig, prefill_think: bool,
                            say: Callable[[str], None]) -> tuple[tuple[dirs.Directions, stages.Prompts] | None, Split]:
@@ -121,6 +149,13 @@ def prepare_own_directions(loaded: Loaded, d: dirs.Directions, prompts: stages.P
                                 cfg.fit_learning_rate, weight=cfg.fit_weight, prefill_think=prefill_think, say=say)
         return ((fitted, prompts) if fitted is not d else None), split
     return None, split
+
+
+def refusal_of(results: dict) -> float:
+    """The refusal rate an edit is scored by: with every reply undetermined (reasoning that never ended)
+    there is none, and such an edit is as bad as one that refuses everything."""
+    rate = results["refusal_rate"]["model"]
+    return 1.0 if rate is None else rate
 
 
 def centre_of(d: dirs.Directions) -> float:
@@ -159,6 +194,7 @@ class Workbench:
         self.params = {m.name: params[m.name] for m in writers}
         self.saved = {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}
         self.eval_seconds = 0.0
+        self.done: dict[tuple, tuple[dict, dict]] = {}  # `run`'s results by edit and part
 
     @contextmanager
     def restoring(self) -> Iterator[None]:
@@ -195,13 +231,20 @@ class Workbench:
     def run(self, edit: EditConfig, spec: str, source: str = "chain", part: str = "trial",
             likelihood: bool = False) -> tuple[dict, dict]:
         """Evaluate one edit on one part (in place, reverted afterwards): (eval results, layer info); with
-        ``likelihood``, the results hold its refusal likelihood and per-prompt KL on the prompts seen too."""
+        ``likelihood``, the results hold its refusal likelihood and per-prompt KL on the prompts seen too.
+        An edit already evaluated on that part is not evaluated again (raising an edit by its replies evaluates
+        the twin it then runs as a trial and confirms); such a run's ``eval_seconds`` is 0."""
+        key = (edit.model_dump_json(), spec, source, part, likelihood)
+        if key in self.done:
+            self.eval_seconds = 0.0
+            return self.done[key]
         with self.applied(edit, spec, source) as layer:
             began = time.monotonic()
             results = self.evaluate(part)
             self.eval_seconds = time.monotonic() - began  # the evaluation alone, for the overhead of a trial
             if likelihood:
                 results["refusal_likelihood"], results["kl_prompts"] = self.likelihood(), self.kls()
+        self.done[key] = results, layer
         return results, layer
 
     def likelihood(self) -> float | None:
