@@ -120,6 +120,11 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
     sources = [t["params"]["source"] for t in sorted(report["trials_all"], key=lambda t: t["number"])]
     assert sources[:3] == ["chain", "wide", "wide"]
     assert {0, 1} <= {t["number"] for t in s["finalists"]}  # the plain edit and the same edit, fitted
+    # The fitted one is raised by its replies, not by the likelihood, which the fit does not keep.
+    assert any(line.startswith("raising by replies: x1.00 refuses") for line in lines)
+    raised = {1} | {int(k) for k, v in s["twins"].items() if v == 1}
+    assert set(s["by_replies"]) <= raised
+    assert all(t["likelihood"] is None for t in s["finalists"] if t["number"] in s["by_replies"])
     assert any(line.startswith("fitted the directions in 10 steps") for line in lines)
     record = s["directions"]["wide"]["fit"]
     assert record["steps"] == 10 and "fit" not in s["directions"]["chain"]

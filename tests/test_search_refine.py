@@ -1,4 +1,5 @@
-"""Edits of one strength (pipeline/edit/search_refine.py): moves, matching to a refusal likelihood, refinement."""
+"""Edits of one strength (pipeline/edit/search_refine.py): moves, matching to a refusal likelihood or to generated
+refusals, refinement."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ from pipeline.edit import directions as dirs
 from pipeline.edit import search_space as space
 from pipeline.edit.abliterate import EditConfig
 from pipeline.edit.search import SearchConfig
-from pipeline.edit.search_refine import MOVES, match_strength, moves_from, refine, strengthen
+from pipeline.edit.search_refine import (
+    MOVES,
+    REPLY_FACTORS,
+    match_strength,
+    moves_from,
+    raise_by_replies,
+    refine,
+    seen_score,
+    strengthen,
+)
 from pipeline.edit.search_workbench import Part, Workbench, split_parts
 from pipeline.edit.stages import default_edit
 from pipeline.evaluation.evaluate import EvalConfig, reference
@@ -90,3 +100,29 @@ def test_refinement_keeps_less_kl_at_the_same_strength(bench, plain):
     assert (likelihood, kl) == (found.matched.likelihood, found.matched.kl)  # the params hold the matched factor
     assert 1 <= len(found.path) <= 2 and len(lines) >= len(moves_from(params, True))
     assert refine(bench, params, EditConfig(), target, tol, rounds=2, search_method=True, min_gain=1.0) is None
+
+
+def test_a_workbench_evaluates_an_edit_once_per_part(bench, plain):
+    edit = space.to_edit(plain[0], EditConfig(), bench.centre)
+    first, _ = bench.run(*edit, part="confirm")
+    assert bench.eval_seconds > 0
+    again, _ = bench.run(*edit, part="confirm")
+    assert again is first and bench.eval_seconds == 0  # not evaluated again
+    other, _ = bench.run(*space.to_edit(space.scaled(plain[0], 0.5), EditConfig(), bench.centre), part="confirm")
+    assert bench.eval_seconds > 0 and other["kl_divergence"] < first["kl_divergence"]  # a weaker edit: less KL
+
+
+def test_an_edit_is_raised_by_its_replies_to_the_first_factor_refusing_as_little(bench, plain):
+    params, base = plain[0], EditConfig()
+    reference = seen_score(bench, space.scaled(params, 0.9), base)
+    weak = space.scaled(params, 0.7)
+    start = seen_score(bench, weak, base)
+    assert start[0] > reference[0] and start[1] < reference[1]  # weaker than the reference by its replies
+    found = raise_by_replies(bench, weak, base, (reference[0], float("inf")), reference[0])
+    assert found is not None and found.factor > 1
+    assert (found.refusal, found.kl) == seen_score(bench, space.scaled(weak, found.factor), base)
+    assert found.refusal <= reference[0] and found.kl > start[1]
+    lower = [f for f in REPLY_FACTORS if f < found.factor]
+    assert all(seen_score(bench, space.scaled(weak, f), base)[0] > reference[0] for f in lower)  # the first one
+    # An edit that reaches the plain edit's KL before its refusal is not raised: nothing is gained.
+    assert raise_by_replies(bench, weak, base, (reference[0], start[1]), reference[0]) is None

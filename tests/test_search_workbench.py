@@ -9,8 +9,9 @@ import torch
 
 from pipeline.edit import directions as dirs
 from pipeline.edit.search import SearchConfig, search
-from pipeline.edit.search_workbench import wider_prompts
+from pipeline.edit.search_workbench import split_parts, unmeasured_prompts, wider_prompts
 from pipeline.edit.stages import PromptsConfig, resolve_prompts
+from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import EvalConfig
 from pipeline.orchestrator.run import AbliterateJob
 
@@ -32,6 +33,35 @@ def test_wider_prompts_take_every_prompt_outside_evaluation_and_share_the_new_ha
     assert len(capped.harmful.measure) == 40
     everything = PromptsConfig()  # the demo's chain already takes every prompt: nothing more to measure
     assert wider_prompts("demo", everything, resolve_prompts("demo", everything), 256) is None
+
+
+def test_unmeasured_prompts_lie_outside_the_chains_measurement_and_evaluation():
+    chain = resolve_prompts("demo", CHAIN)
+    harmful, harmless, groups = unmeasured_prompts("demo", CHAIN, chain, 40)
+    assert len(harmful) == 40 and len(harmless) == 40 and len(set(harmful)) == 40
+    assert not set(harmful) & (set(chain.harmful.measure) | set(chain.harmful.evaluate))
+    assert not set(harmless) & (set(chain.harmless.measure) | set(chain.harmless.evaluate))
+    assert set(groups) <= {s.source for s in chain.harmful_sets or (chain.harmful,)} and len(groups) == 40
+    everything = PromptsConfig()  # the demo's chain takes every prompt: none is left
+    assert unmeasured_prompts("demo", everything, resolve_prompts("demo", everything), 40) == ((), (), ())
+
+
+def test_confirm_prompts_grow_the_confirm_part_and_leave_the_others(tmp_path, demo_loaded):
+    chain = resolve_prompts("demo", CHAIN)
+    split = split_parts(chain.harmful.evaluate, chain.harmless.evaluate, chain.eval_groups(), 0.5)
+    job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=CHAIN,
+                        eval=EvalConfig(max_new_tokens=12, perplexity=False))
+    lines: list[str] = []
+    s = search(job, SearchConfig(trials=1, study=tmp_path / "s.journal", confirm_prompts=24), lines.append,
+               demo_loaded)["search"]
+    sizes = {k: {"harmful": len(v[0]), "harmless": len(v[1])} for k, v in split.items()}
+    assert s["prompts"] == sizes | {"confirm": {"harmful": sizes["confirm"]["harmful"] + 24,
+                                                "harmless": sizes["confirm"]["harmless"] + 24}}
+    seen = sizes["trial"]["harmful"] + sizes["confirm"]["harmful"] + 24
+    assert any(line.startswith(f"confirming trial 0 on {seen} prompts") for line in lines)
+    with pytest.raises(UserError, match="--confirm-prompts and --wide-prompts"):
+        search(job, SearchConfig(trials=1, study=tmp_path / "t.journal", confirm_prompts=8, wide_prompts=8),
+               None, demo_loaded)
 
 
 @pytest.fixture(scope="module")

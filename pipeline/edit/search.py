@@ -10,7 +10,9 @@ trials are scored on the *trial* part; the best few Pareto trials and the plain 
 on the *confirm* part too (twice the prompts, so noise on a handful cannot pick the winner). A finalist with a
 lower KL than the plain edit is first tried again a little stronger than the plain edit (`calibrate`: its weights
 raised until its refusal likelihood is below the plain edit's), since most such finalists are merely weaker;
-the plain edit is refined at that same strength (`refined_trial`, `search_refine`) into one more finalist.
+the plain edit is refined at that same strength (`refined_trial`, `search_refine`) into one more finalist. The plain
+edit made with directions fitted to it (`direction_fit`) is raised by its generated replies instead (`reply_twin`):
+the fit keeps the plain edit's replies, not the base's refusal openings, so their likelihood does not compare.
 The chosen one (lowest KL with refusal <= target × base rate, never above the plain edit's nor weaker than it,
 else lowest refusal) is saved like a plain abliteration and evaluated, beside the plain edit, on the *test*
 part that no trial saw.
@@ -113,8 +115,10 @@ class SearchConfig(BaseModel):
         "harmful ones keep the plain edit's next-token distributions along its own replies; trials may remove the "
         "fitted span instead, and the plain edit made with it is always a finalist. 0 (default): off. On "
         "Qwen2.5-0.5B (about 8 s a step on 2 cores), on a prompt draw with poor directions, the fitted span at 1.2 "
-        "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL; the search "
-        "still kept the plain edit, as it matches strengths by refusal likelihood (bench/README.md).")
+        "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL "
+        "(bench/README.md). The plain edit made with the fitted span is raised by its generated replies on the "
+        "prompts seen (weights x1.1 ... x1.5) until it refuses a little less than the plain edit (--twin-margin); "
+        "--confirm-prompts makes that count finer.")
     confirm_prompts: int = Field(
         0, ge=0, description="Also confirm finalists on up to this many harmful and as many harmless prompts of the "
         "same sets that neither measurement nor evaluation uses (the confirm part grows by them): a finalist's "
@@ -322,13 +326,14 @@ class Outcome:
     limit: float
     twins: dict[int, int]  # trial number -> the finalist it is a stronger twin of (`calibrate`)
     refined: dict[int, str]  # trial number -> the moves that refined the plain edit into it (`refined_trial`)
+    by_replies: list[int]  # finalists matched to the plain edit by generated replies, not likelihood (`reply_twin`)
 
     def summary(self, cfg: SearchConfig, base_rate: float, ran: int) -> dict[str, Any]:
         return {"trials": len(self.trials), "trials_run": ran, "chosen_trial": self.chosen.number, "rule": self.rule,
                 "target": cfg.target, "base_refusal_rate": base_rate, "refusal_limit": self.limit,
                 "max_kl": cfg.search_max_kl, "pareto_front": [asdict(t) for t in self.front],
                 "finalists": [asdict(t) for t in self.finalists], "twins": self.twins,
-                "refined": self.refined}
+                "refined": self.refined, "by_replies": self.by_replies}
 
 
 def _check_job(job: AbliterateJob, cfg: SearchConfig) -> None:
@@ -418,7 +423,7 @@ def search(job: AbliterateJob, cfg: SearchConfig, progress: Progress | None = pr
         marked = {k: {t.number: t.user_attrs[k] for t in study.get_trials(deepcopy=False) if k in t.user_attrs}
                   for k in ("twin_of", "refined")}
         result = Outcome(trials, front, finalists, chosen, rule, cfg.target * bench.base_rate, marked["twin_of"],
-                         marked["refined"])
+                         marked["refined"], sorted(by_replies))
     say("Pareto front:\n" + front_table(result.front, result.chosen.number).rstrip())
     say(f"chosen: trial {result.chosen.number} ({result.rule})")
     return _save(job, cfg, bench, prompts, result, path, default, say, study)
