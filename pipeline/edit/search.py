@@ -118,12 +118,15 @@ class SearchConfig(BaseModel):
         "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL "
         "(bench/README.md). The plain edit made with the fitted span is raised by its generated replies on the "
         "prompts seen (weights x1.1 ... x1.5) until it refuses a little less than the plain edit (--twin-margin); "
-        "--confirm-prompts makes that count finer.")
+        "--confirm-prompts makes that count finer. With --fit-steps 40 --confirm-prompts 64 on that draw, 40 trials "
+        "chose it at x1.4: on the test part 18.8% refused against the plain edit's 25.0%, at KL 0.109 against 0.338 "
+        "(65 minutes against 34 without either).")
     confirm_prompts: int = Field(
         0, ge=0, description="Also confirm finalists on up to this many harmful and as many harmless prompts of the "
         "same sets that neither measurement nor evaluation uses (the confirm part grows by them): a finalist's "
-        "refusal count then moves in smaller steps, at the cost of generating their replies once per finalist. "
-        "0 (default): off. Not with --wide-prompts, which measures from those prompts.")
+        "refusal count then moves in smaller steps, at the cost of generating their replies once per finalist "
+        "(on Qwen2.5-0.5B, 64 more: about 110 s a finalist on 2 cores). 0 (default): off. Not with --wide-prompts, "
+        "which measures from those prompts.")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     fit_weight: float = Field(
         4.0, gt=0, description="Weight of keeping the plain edit's effect on harmful prompts against lowering the KL "
