@@ -86,15 +86,25 @@ def measured_parts(loaded: Loaded, split: Split, eval_cfg: EvalConfig, model_id:
     return parts
 
 
+def _resolved(model_id: str, cfg: stages.PromptsConfig, n: int) -> stages.Prompts:
+    """The same prompt sets as ``cfg``, with up to ``n`` measurement prompts per class."""
+    return stages.resolve_prompts(model_id, cfg.model_copy(update={"max_prompts": max(2, n)}))
+
+
+def _outside(chain: stages.PromptSplit, wider: stages.PromptSplit) -> tuple[str, ...]:
+    """``wider``'s measurement prompts that the chain neither measured nor evaluates, in order."""
+    taken = set(chain.measure) | set(chain.evaluate)
+    return tuple(p for p in wider.measure if p not in taken)
+
+
 def wider_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages.Prompts, n: int
                   ) -> tuple[stages.Prompts, tuple[str, ...]] | None:
     """Prompts for directions measured from more than the chain's ``prompts``: every prompt of the same sets
     outside the evaluation prompts, up to ``n`` per class. The harmless ones the chain did not measure go
     alternately to that measurement and to a pool (returned) for the confirm part's KL, so that it ranks
     finalists on prompts no measurement used. None when there are no more prompts than the chain measured."""
-    more = stages.resolve_prompts(model_id, cfg.model_copy(update={"max_prompts": max(2, n)}))
-    taken = set(prompts.harmless.measure) | set(prompts.harmless.evaluate)
-    rest = [p for p in more.harmless.measure if p not in taken]
+    more = _resolved(model_id, cfg, n)
+    rest = _outside(prompts.harmless, more.harmless)
     if len(more.harmful.measure) <= len(prompts.harmful.measure) and not rest:
         return None
     harmless = replace(more.harmless, measure=(*prompts.harmless.measure, *rest[0::2]))
@@ -106,13 +116,8 @@ def unmeasured_prompts(model_id: str, cfg: stages.PromptsConfig, prompts: stages
     """Up to ``n`` harmful and ``n`` harmless prompts of the same sets that neither the chain's measurement nor
     its evaluation uses: (harmful, harmless, the set of each harmful one)."""
     wanted = max(len(prompts.harmful.measure), len(prompts.harmless.measure)) + n
-    more = stages.resolve_prompts(model_id, cfg.model_copy(update={"max_prompts": max(2, wanted)}))
-
-    def rest(chain: stages.PromptSplit, wider: stages.PromptSplit) -> tuple[str, ...]:
-        taken = set(chain.measure) | set(chain.evaluate)
-        return tuple(p for p in wider.measure if p not in taken)[:n]
-
-    harmful, harmless = rest(prompts.harmful, more.harmful), rest(prompts.harmless, more.harmless)
+    more = _resolved(model_id, cfg, wanted)
+    harmful, harmless = _outside(prompts.harmful, more.harmful)[:n], _outside(prompts.harmless, more.harmless)[:n]
     sets = {p: s.source for s in more.harmful_sets or (more.harmful,) for p in s.measure}
     return harmful, harmless, tuple(sets.get(p, more.harmful.source) for p in harmful)
 
