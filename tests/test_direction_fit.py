@@ -138,6 +138,13 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
         text = render_card(tmp_path / "out", None)
         assert ("fitted to the default edit: 10 gradient steps" in text) == expected
         assert (f"{record['kl'][0]:.4f} → {record['kl'][1]:.4f}" in text) == expected
+        assert ("set by its generated replies" in text) == (expected and s["chosen_trial"] in s["by_replies"])
+    # ... and whether its strength was matched by replies, from the summary's by_replies.
+    recipe["search"]["directions"]["chosen"] = "wide"
+    for by_replies, expected in (([recipe["search"]["chosen_trial"]], True), ([], False)):
+        recipe["search"]["by_replies"] = by_replies
+        (tmp_path / "out" / "recipe.json").write_text(json.dumps(recipe))
+        assert ("set by its generated replies" in render_card(tmp_path / "out", None)) == expected
 
 
 def test_the_fitted_span_refuses_no_more_evaluation_prompts_at_a_lower_kl(demo_loaded, demo_dirs, demo_prompts):

@@ -340,6 +340,7 @@ def _search(recipe: dict[str, Any]) -> dict[str, Any] | None:
     wide = measured.get("wide") if measured.get("chosen") == "wide" else None
     return {"trials": found.get("trials"), "chosen": found.get("chosen_trial"), "rule": found.get("rule"),
             "refined": refined.get(str(found.get("chosen_trial"))), "wide": wide,
+            "by_replies": found.get("chosen_trial") in (found.get("by_replies") or []),
             "test_prompts": ((found.get("prompts") or {}).get("test") or {}).get("harmful"),
             "rows": [("Refusal rate ↓", percent(plain.get("refusal")), percent(chosen.get("refusal"))),
                      ("KL divergence from base ↓", number(plain.get("kl")), number(chosen.get("kl")))] if plain else []}
