@@ -36,7 +36,7 @@ ALLOWED_EXTRA: tuple[str, ...] = tuple(sorted({
     "max_new_tokens", "num_samples", "prefill_think", "perplexity",
     # automatic search (not `study`: a file path)
     "trials", "target", "search_max_kl", "search_seed", "search_method", "allow_mlp_off", "search_per_layer",
-    "start_from_default", "test_fraction", "finalists", "wide_prompts",
+    "start_from_default", "test_fraction", "finalists", "wide_prompts", "fit_steps", "confirm_prompts",
     # tuning and steering (not `epochs`: unbounded work; `max_steps` is capped)
     "loss", "beta", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps", "warmup", "scheduler",
     "data_split",

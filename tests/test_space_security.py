@@ -100,6 +100,14 @@ def test_allowed_settings_pass_and_are_capped(monkeypatch):
         handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 256}'))
     options = handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 0}'))[1]
     assert options["wide_prompts"] == 0 and options["max_prompts"] == 100
+    with pytest.raises(UserError, match=r"confirm_prompts = 101 .*limit of 100 \(ABLITERATOR_MAX_PROMPTS\)"):
+        handlers.build_options(_settings(mode="search", trials=5, extra_options='{"confirm_prompts": 101}'))
+    monkeypatch.setenv("ABLITERATOR_MAX_STEPS", "30")
+    with pytest.raises(UserError, match=r"fit_steps = 40 .*limit of 30 \(ABLITERATOR_MAX_STEPS\)"):
+        handlers.build_options(_settings(mode="search", trials=5, extra_options='{"fit_steps": 40}'))
+    options = handlers.build_options(_settings(mode="search", trials=5,
+                                               extra_options='{"fit_steps": 0, "confirm_prompts": 0}'))[1]
+    assert options["fit_steps"] == 0 and options["confirm_prompts"] == 0
 
 
 @pytest.mark.parametrize("field,value", [("extra_options", '{"harmful": "/etc/hosts"}'),
