@@ -5,7 +5,7 @@
 | ABLITERATOR_MAX_TRIALS | 50 | trials of the automatic search |
 | ABLITERATOR_MAX_NEW_TOKENS | 256 | new tokens per evaluation prompt (also select_tokens and the chat) |
 | ABLITERATOR_MAX_STEPS | 500 | training steps of DPO / weight steering (also the search's fit_steps) |
-| ABLITERATOR_MAX_PROMPTS | 512 | prompts per class (also select_prompts, the search's wide_prompts and confirm_prompts) |
+| ABLITERATOR_MAX_PROMPTS | 512 | prompts per class (also select_prompts, the search's wide_prompts, confirm_prompts) |
 | ABLITERATOR_MAX_PARAMS | 2e9 | parameters of a Hub model (from its safetensors metadata) |
 | ABLITERATOR_MAX_MODEL_GB | 10 | size of a Hub model's weight files |
 | ABLITERATOR_CACHE_GB | 50 | the Hub download cache, pruned (least recently used first) after each job |
