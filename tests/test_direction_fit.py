@@ -109,8 +109,8 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
     job = AbliterateJob(model="demo", out=tmp_path / "out", prompts=CHAIN,
                         eval=EvalConfig(max_new_tokens=12, perplexity=False))
     lines: list[str] = []
-    result = search(job, SearchConfig(trials=3, study=tmp_path / "s.journal", fit_steps=10, fit_learning_rate=0.01),
-                    lines.append, demo_loaded)
+    cfg = SearchConfig(trials=3, study=tmp_path / "s.journal")  # the default fit
+    result = search(job, cfg, lines.append, demo_loaded)
     s = result["search"]
     chain = resolve_prompts("demo", CHAIN)
     sizes = {"harmful": len(chain.harmful.measure), "harmless": len(chain.harmless.measure)}
@@ -125,9 +125,9 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
     raised = {1} | {int(k) for k, v in s["twins"].items() if v == 1}
     assert set(s["by_replies"]) <= raised
     assert all(t["likelihood"] is None for t in s["finalists"] if t["number"] in s["by_replies"])
-    assert any(line.startswith("fitted the directions in 10 steps") for line in lines)
+    assert any(line.startswith(f"fitted the directions in {cfg.fit_steps} steps") for line in lines)
     record = s["directions"]["wide"]["fit"]
-    assert record["steps"] == 10 and "fit" not in s["directions"]["chain"]
+    assert record["steps"] == cfg.fit_steps and "fit" not in s["directions"]["chain"]
     saved = dirs.load(tmp_path / "out")
     assert ("fit" in saved.info) == (s["directions"]["chosen"] == "wide")  # the saved directions are the chosen's
     # The card says which directions the chosen edit removes (here made to be the fitted ones).
@@ -136,7 +136,7 @@ def test_the_search_removes_the_fitted_directions_and_keeps_the_plain_edits_coun
         recipe["search"]["directions"]["chosen"] = chosen
         (tmp_path / "out" / "recipe.json").write_text(json.dumps(recipe))
         text = render_card(tmp_path / "out", None)
-        assert ("fitted to the default edit: 10 gradient steps" in text) == expected
+        assert (f"fitted to the default edit: {cfg.fit_steps} gradient steps" in text) == expected
         assert (f"{record['kl'][0]:.4f} → {record['kl'][1]:.4f}" in text) == expected
         assert ("set by its generated replies" in text) == (expected and s["chosen_trial"] in s["by_replies"])
     # ... and whether its strength was matched by replies, from the summary's by_replies.

@@ -50,10 +50,12 @@ def searched(tmp_path_factory, demo_loaded, demo_d):
     before = _snapshot(demo_loaded.model)
     lines: list[str] = []
     job = AbliterateJob(model="demo", out=root / "first", eval=FAST.model_copy(update={"perplexity": False}))
-    first = search(job, SearchConfig(trials=FIRST, study=study), lines.append, demo_loaded, demo_d)
+    # The study's mechanics with the chain's directions alone; the default fitted directions and their twin
+    # raised by replies are searched in test_direction_fit.
+    first = search(job, SearchConfig(trials=FIRST, study=study, fit_steps=0), lines.append, demo_loaded, demo_d)
     weights_after_first = _snapshot(demo_loaded.model)
     job2 = AbliterateJob(model="demo", out=root / "second", eval=FAST)
-    second = search(job2, SearchConfig(trials=MORE, study=study), lines.append, demo_loaded, demo_d)
+    second = search(job2, SearchConfig(trials=MORE, study=study, fit_steps=0), lines.append, demo_loaded, demo_d)
     return {"root": root, "first": first, "second": second, "lines": lines, "before": before,
             "after_first": weights_after_first}
 
@@ -133,8 +135,12 @@ def test_output_folder_holds_the_chosen_edit_and_the_report(searched):
     assert report["chosen_trial"] in finalists <= front | peers | set(twins) | set(refined) and 0 in finalists
     assert set(twins.values()) <= finalists
     rescored = {t["number"]: t for t in report["finalists"]}
-    for number in twins:  # a little past the plain edit's strength
+    by_replies = set(report["by_replies"])  # the fitted counterpart, matched by its replies (`reply_twin`)
+    for number in set(twins) - by_replies:  # a little past the plain edit's strength
         assert rescored[number]["likelihood"] < rescored[0]["likelihood"]
+    for number in by_replies & set(twins):  # refusing no more of the prompts seen, by generated replies
+        assert rescored[number]["likelihood"] is None
+        assert rescored[number]["refusal"] <= rescored[0]["refusal"] + 1e-9
     for number in refined:  # at its strength, never weaker
         assert rescored[number]["likelihood"] <= rescored[0]["likelihood"] + 1e-9
     assert "| trial |" in report["table"]

@@ -123,3 +123,15 @@ def test_the_card_says_when_the_chosen_edit_removes_the_searchs_own_directions(w
     (copy / "recipe.json").write_text(json.dumps(recipe))
     sentence = "removes the search's own refusal directions, measured from 160 harmful and 88 harmless prompts"
     assert (sentence in render_card(copy, "someone/demo-searched")) == (chosen == "wide")
+
+
+def test_wide_prompts_alone_turn_the_default_fit_and_confirm_prompts_off():
+    from pipeline.configs import build_config
+
+    default = SearchConfig()
+    assert default.fit_steps > 0 and default.confirm_prompts > 0  # on by default: they beat the plain edit on Qwen
+    wide = build_config(SearchConfig, {"wide_prompts": 64})  # as the CLI and the app build it
+    assert (wide.wide_prompts, wide.fit_steps, wide.confirm_prompts) == (64, 0, 0)
+    both = build_config(SearchConfig, {"wide_prompts": 64, "confirm_prompts": 8})  # given together: _check_job refuses
+    assert (both.fit_steps, both.confirm_prompts) == (0, 8)
+    assert build_config(SearchConfig, {"wide_prompts": 0}).fit_steps == default.fit_steps

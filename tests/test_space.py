@@ -345,7 +345,7 @@ def test_automatic_search_shows_the_pareto_chart_and_what_it_chose(app, hub):
     assert all("best so far: trial" in line for line in trials)
     extra = [line for line in numbered if line not in trials]  # the twins and the refined plain edit, each named
     assert all("a little stronger than the plain edit" in line or "the plain edit refined (" in line
-               for line in extra), extra
+               or "of the prompts seen by its replies" in line or "(the fitted span)" in line for line in extra), extra
     assert "|---|" not in log_text and ".journal" not in log_text
 
 

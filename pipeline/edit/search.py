@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.edit import directions as dirs
 from pipeline.edit import stages
@@ -108,25 +108,23 @@ class SearchConfig(BaseModel):
         "direction pooled over the harmful sets (one per set from 234/143 prompts cost Qwen2.5 three times the "
         "chain's KL). 0 (default): off. On Qwen2.5 (256) every Pareto trial used it, yet none was as strong as the "
         "plain edit at a clearly lower KL on the prompts seen, and it adds about 8 minutes to a 36-minute search. "
-        "Nothing is measured when the chain already took every prompt (the demo).")
+        "Nothing is measured when the chain already took every prompt (the demo). Setting it turns the default "
+        "--fit-steps and --confirm-prompts off.")
     fit_steps: int = Field(
-        0, ge=0, description="Gradient steps fitting the chain's directions to the plain edit (`direction_fit`): "
+        40, ge=0, description="Gradient steps fitting the chain's directions to the plain edit (`direction_fit`): "
         "at the chosen layer, the span moves to lower the first-token KL on harmless measurement prompts while the "
         "harmful ones keep the plain edit's next-token distributions along its own replies; trials may remove the "
-        "fitted span instead, and the plain edit made with it is always a finalist. 0 (default): off. On "
-        "Qwen2.5-0.5B (about 8 s a step on 2 cores), on a prompt draw with poor directions, the fitted span at 1.2 "
-        "times the plain edit's weights refused as many of 96 unseen prompts (18) at 21% of its KL "
-        "(bench/README.md). The plain edit made with the fitted span is raised by its generated replies on the "
-        "prompts seen (weights x1.1 ... x1.5) until it refuses a little less than the plain edit (--twin-margin); "
-        "--confirm-prompts makes that count finer. With --fit-steps 40 --confirm-prompts 64 on that draw, 40 trials "
-        "chose it at x1.4: on the test part 18.8% refused against the plain edit's 25.0%, at KL 0.109 against 0.338 "
-        "(65 minutes against 34 without either).")
+        "fitted span instead. The plain edit made with it is always a finalist, raised by its generated replies on "
+        "the prompts seen (weights x1.1 ... x1.5) until it refuses a little less than the plain edit "
+        "(--twin-margin). About 8 s a step on Qwen2.5-0.5B on 2 cores. 0: off. Without it (and --confirm-prompts) "
+        "40 trials on Qwen2.5-0.5B kept the plain edit on both prompt draws measured; with both, the choice beat it "
+        "on the test part on all three draws measured (bench/README.md).")
     confirm_prompts: int = Field(
-        0, ge=0, description="Also confirm finalists on up to this many harmful and as many harmless prompts of the "
+        32, ge=0, description="Also confirm finalists on up to this many harmful and as many harmless prompts of the "
         "same sets that neither measurement nor evaluation uses (the confirm part grows by them): a finalist's "
         "refusal count then moves in smaller steps, at the cost of generating their replies once per finalist "
-        "(on Qwen2.5-0.5B, 64 more: about 110 s a finalist on 2 cores). 0 (default): off. Not with --wide-prompts, "
-        "which measures from those prompts.")
+        "(on Qwen2.5-0.5B, 32 more: about 70 s a finalist on 2 cores). Nothing is added when the chain measured "
+        "every prompt (the demo; the app). 0: off. Not with --wide-prompts, which measures from those prompts.")
     fit_learning_rate: float = Field(0.002, gt=0, description="Adam step size of --fit-steps (unit directions).")
     fit_weight: float = Field(
         4.0, gt=0, description="Weight of keeping the plain edit's effect on harmful prompts against lowering the KL "
@@ -137,6 +135,15 @@ class SearchConfig(BaseModel):
         "likelihood (forward passes, no generation) and keeps the one with the least KL; the result runs as one "
         "more trial. 0 (default): off. On Qwen2.5 its 7.5% lower KL on the 32 harmless prompts seen was 0.3% on "
         "231 others (bench/bench_kl_holdout.py): a few dozen prompts cannot rank shapes this close.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wide_instead(cls, data: Any) -> Any:
+        """--wide-prompts alone turns off the default --fit-steps and --confirm-prompts, which it cannot run with;
+        setting either with it is an error (`_check_job`)."""
+        if isinstance(data, dict) and data.get("wide_prompts"):
+            data = {"fit_steps": 0, "confirm_prompts": 0} | data
+        return data
 
 
 Space = Callable[[Any, SearchConfig, EditConfig], dict[str, Any]]  # samples a trial's parameters

@@ -128,8 +128,11 @@ def confirm_on_more(split: Split, job: stages.AbliterateJob, prompts: stages.Pro
     if n < 1:
         return split
     extra = unmeasured_prompts(job.model, job.prompts, prompts, n)
+    if not extra[0] and not extra[1]:  # the chain measured every prompt (the demo, or the app's max_prompts)
+        return split
     harmful, harmless, groups = split["confirm"]
-    say(f"confirming finalists on {len(extra[0])} harmful / {len(extra[1])} harmless unmeasured prompts more "
+    # not "confirming ...": the app's job log would take that for the stage after the search
+    say(f"the confirm part gets {len(extra[0])} harmful / {len(extra[1])} harmless unmeasured prompts more "
         "(--confirm-prompts)")
     return {**split, "confirm": (harmful + extra[0], harmless + extra[1], groups + extra[2])}
 
