@@ -96,14 +96,19 @@ def run_search(model: str, loaded: Any, d: Any, trials: int, work: Path, name: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.edit.search import SearchConfig
+
+    fields = SearchConfig.model_fields
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo", help="demo, or a real model key of tests/real_models.py")
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--compare", action="store_true", help="(c): also search the simpler space")
     parser.add_argument("--directions", type=Path, help="saved directions (default: measured here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the measurement/evaluation split")
-    parser.add_argument("--fit-steps", type=int, default=0, help="SearchConfig.fit_steps of the search (a)")
-    parser.add_argument("--confirm-prompts", type=int, default=0, help="SearchConfig.confirm_prompts of the search (a)")
+    parser.add_argument("--fit-steps", type=int, default=fields["fit_steps"].default,
+                        help="SearchConfig.fit_steps of the search (a); default: the search's default")
+    parser.add_argument("--confirm-prompts", type=int, default=fields["confirm_prompts"].default,
+                        help="SearchConfig.confirm_prompts of the search (a); default: the search's default")
     args = parser.parse_args(argv)
 
     import torch
