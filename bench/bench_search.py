@@ -13,13 +13,17 @@ space better than a simpler one?
     refusal rate and the largest KL either study saw): larger is better.
 
     .venv/bin/python bench/bench_search.py [--model demo|qwen] [--trials 40] [--compare] [--directions DIR]
-        [--seed N] [--fit-steps N] [--confirm-prompts N]
+        [--seed N] [--fit-steps N] [--confirm-prompts N] [--compare-with RESULT.json]
 
 --seed N (not 0) draws other measurement and evaluation prompts from the same sets (as `bench_real.py --seed N`,
 whose directions `--directions bench/results/real-out-seedN` gives): the plain edit is then the default chain's on
 a draw it was not tuned on.
 
-Prints the numbers and a SUMMARY line; writes bench/results/bench_search[-MODEL][-seedN][-fitN][-confirmN].json.
+--compare-with RESULT.json runs (c) alone against the search saved in that result file (its (a) and (b) are
+repeated from it), so a slow model's search need not run again.
+
+Prints the numbers and a SUMMARY line; writes
+bench/results/bench_search[-MODEL][-seedN][-fitN][-confirmN][-vs-simple].json.
 """
 
 from __future__ import annotations
@@ -109,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="SearchConfig.fit_steps of the search (a); default: the search's default")
     parser.add_argument("--confirm-prompts", type=int, default=fields["confirm_prompts"].default,
                         help="SearchConfig.confirm_prompts of the search (a); default: the search's default")
+    parser.add_argument("--compare-with", type=Path, help="(c) alone: search only the simpler space and compare its "
+                        "front with the search saved in this result file (same --model, --seed, --trials)")
     args = parser.parse_args(argv)
+    saved = json.loads(args.compare_with.read_text()) if args.compare_with else None
+    if saved is not None:
+        if (saved["model"], saved["seed"], saved["trials"]) != (args.model, args.seed, args.trials):
+            raise SystemExit(f"{args.compare_with} is a search of {saved['model']}, seed {saved['seed']}, "
+                             f"{saved['trials']} trials: give the same --model, --seed and --trials")
+        args.compare, args.fit_steps, args.confirm_prompts = True, saved["fit_steps"], saved["confirm_prompts"]
 
     import torch
 
@@ -129,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         loaded, resolve_prompts(model, PromptsConfig(seed=args.seed)), dirs.DirectionsConfig())
     setup = time.perf_counter() - began
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
-        ours = run_search(model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed, fit_steps=args.fit_steps,
-                          confirm_prompts=args.confirm_prompts)
+        ours = saved["ours"] if saved is not None else run_search(
+            model, loaded, d, args.trials, Path(tmp), "ours", seed=args.seed, fit_steps=args.fit_steps,
+            confirm_prompts=args.confirm_prompts)
         simple = (run_search(model, loaded, d, args.trials, Path(tmp), "simple", simple_space, False, args.seed)
                   if args.compare else None)
     s = ours["summary"]
@@ -148,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{plain['refusal']:.1%} KL {plain['kl']:.4f}")
     print(f"(b) trial / evaluation inside it: {ours['trial_over_eval']:.3f}x over {args.trials} trials; the whole "
           f"search {ours['seconds']:.0f} s")
-    result = {"model": args.model, "seed": args.seed, "fit_steps": args.fit_steps,
+    result = {"model": args.model, "seed": args.seed, "directions": str(args.directions or "measured"),
+              "fit_steps": args.fit_steps,
               "confirm_prompts": args.confirm_prompts,
               "trials": args.trials, "threads": torch.get_num_threads(),
               "setup_s": round(setup, 1), "ours": ours, "chosen_beats_plain_on_test": beats}
@@ -165,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.model == "demo" else f"-{args.model}") + (f"-seed{args.seed}" if args.seed else "") + (
         f"-fit{args.fit_steps}" if args.fit_steps else "") + (
-        f"-confirm{args.confirm_prompts}" if args.confirm_prompts else "")
+        f"-confirm{args.confirm_prompts}" if args.confirm_prompts else "") + ("-vs-simple" if saved else "")
     (RESULTS / f"bench_search{suffix}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    verdict = ("the plain edit was the best choice" if same else
+    verdict = ("is the plain edit" if same else
                "beats the plain edit" if beats else "does NOT beat the plain edit")
     print(f"SUMMARY search ({args.model}, seed {args.seed}, {args.trials} trials): on unseen test prompts the choice "
           f"{verdict} "
