@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     saved = json.loads(args.compare_with.read_text()) if args.compare_with else None
     if saved is not None:
-        if (saved["model"], saved["seed"], saved["trials"]) != (args.model, args.seed, args.trials):
+        wanted = (args.model, args.seed, args.trials, str(args.directions or "measured"))
+        if (saved["model"], saved["seed"], saved["trials"], saved.get("directions", wanted[3])) != wanted:
             raise SystemExit(f"{args.compare_with} is a search of {saved['model']}, seed {saved['seed']}, "
-                             f"{saved['trials']} trials: give the same --model, --seed and --trials")
+                             f"{saved['trials']} trials, directions {saved.get('directions', '?')}: give the same "
+                             "--model, --seed, --trials and --directions")
         args.compare, args.fit_steps, args.confirm_prompts = True, saved["fit_steps"], saved["confirm_prompts"]
 
     import torch
