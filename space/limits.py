@@ -11,7 +11,8 @@
 | ABLITERATOR_CACHE_GB | 50 | the Hub download cache, pruned (least recently used first) after each job |
 
 The model's size is read from the Hub's metadata with the visitor's token before anything is
-downloaded. A job above a cap is refused with one line naming the cap and its variable.
+downloaded. A job above a cap is refused with one line naming the cap and its variable; a setting
+left alone whose default is above its cap runs at the cap.
 """
 
 from __future__ import annotations
@@ -78,8 +79,32 @@ CAPPED = {
 }
 
 
+def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
+    """The value each capped key not in `options` will take: its stage config's default as `options` resolve it
+    (with --wide-prompts, the search's fit_steps and confirm_prompts default to 0)."""
+    import importlib
+
+    from pipeline.configs import build_config
+    from pipeline.orchestrator.options import STAGE_CONFIGS
+
+    missing = [key for key in CAPPED if options.get(key) is None]
+    found: dict[str, float] = {}
+    for module, name in STAGE_CONFIGS:
+        try:
+            cfg = build_config(getattr(importlib.import_module(module), name), options)
+        except Exception:  # noqa: BLE001 - an optional stage not installed, or a bad value its stage reports
+            continue
+        for key in missing:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[key] = max(found.get(key, value), value)
+    return found
+
+
 def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """`options` checked against the caps; `max_prompts` defaults to its cap (a Hub dataset may be huge)."""
+    """`options` checked against the caps; `max_prompts` defaults to its cap (a Hub dataset may be huge), and a
+    default above its cap (the search's 40 fit steps under ABLITERATOR_MAX_STEPS=20) is lowered to the cap."""
+    options = {"max_prompts": limits.max_prompts, **options}
     for key, (field, env) in CAPPED.items():
         value = options.get(key)
         if value is None:
@@ -91,7 +116,11 @@ def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
         cap = getattr(limits, field)
         if number > cap:
             raise UserError(f"{key} = {value} is above this app's limit of {cap} ({env})")
-    return {"max_prompts": limits.max_prompts, **options}
+    lowered = {key: int(getattr(limits, CAPPED[key][0])) for key, default in resolved_defaults(options).items()
+               if default > getattr(limits, CAPPED[key][0])}
+    for key, cap in lowered.items():
+        log.info("%s defaults above this app's limit: using %d (%s)", key, cap, CAPPED[key][1])
+    return {**options, **lowered}
 
 
 def _size_of(info: Any) -> tuple[int | None, int]:

@@ -110,6 +110,30 @@ def test_allowed_settings_pass_and_are_capped(monkeypatch):
     assert options["fit_steps"] == 0 and options["confirm_prompts"] == 0
 
 
+def test_defaults_above_a_cap_are_lowered_to_it(monkeypatch):
+    """An operator's cap holds for settings the visitor left alone too: the search's default 40 fit steps and 32
+    confirm prompts, the layer choice's 16 new tokens."""
+    from pipeline.configs import build_config
+    from pipeline.edit.directions import DirectionsConfig
+    from pipeline.edit.search import SearchConfig
+    from space import handlers
+
+    defaults = SearchConfig()
+    _, options = handlers.build_options(_settings(mode="search", trials=5))
+    assert "fit_steps" not in options and "confirm_prompts" not in options  # under the default caps: untouched
+    monkeypatch.setenv("ABLITERATOR_MAX_STEPS", str(defaults.fit_steps - 10))
+    monkeypatch.setenv("ABLITERATOR_MAX_PROMPTS", str(defaults.confirm_prompts - 8))
+    monkeypatch.setenv("ABLITERATOR_MAX_NEW_TOKENS", "12")
+    _, options = handlers.build_options(_settings(mode="search", trials=5))
+    search = build_config(SearchConfig, options)
+    assert search.fit_steps == defaults.fit_steps - 10 and search.confirm_prompts == defaults.confirm_prompts - 8
+    assert build_config(DirectionsConfig, options).select_tokens == 12 < DirectionsConfig().select_tokens
+    # --wide-prompts turns the fit and the confirm prompts off: nothing is filled in that would clash with it.
+    _, options = handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 8}'))
+    search = build_config(SearchConfig, options)
+    assert search.wide_prompts == 8 and search.fit_steps == 0 and search.confirm_prompts == 0
+
+
 @pytest.mark.parametrize("field,value", [("extra_options", '{"harmful": "/etc/hosts"}'),
                                          ("extra_options", '{"harmless": "../secrets.txt"}'),
                                          ("dpo_data", "/root/prefs.jsonl"), ("steer_positive", "~/notes.json")])
