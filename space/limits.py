@@ -5,7 +5,7 @@
 | ABLITERATOR_MAX_TRIALS | 50 | trials of the automatic search |
 | ABLITERATOR_MAX_NEW_TOKENS | 256 | new tokens per evaluation prompt (also select_tokens and the chat) |
 | ABLITERATOR_MAX_STEPS | 500 | training steps of DPO / weight steering (also the search's fit_steps) |
-| ABLITERATOR_MAX_PROMPTS | 512 | prompts per class (also select_prompts, the search's wide_prompts, confirm_prompts) |
+| ABLITERATOR_MAX_PROMPTS | 512 | prompts per class; select_prompts, wide_prompts, confirm_prompts, max_examples |
 | ABLITERATOR_MAX_PARAMS | 2e9 | parameters of a Hub model (from its safetensors metadata) |
 | ABLITERATOR_MAX_MODEL_GB | 10 | size of a Hub model's weight files |
 | ABLITERATOR_CACHE_GB | 50 | the Hub download cache, pruned (least recently used first) after each job |
@@ -76,7 +76,11 @@ CAPPED = {
     "wide_prompts": ("max_prompts", "ABLITERATOR_MAX_PROMPTS"),
     "confirm_prompts": ("max_prompts", "ABLITERATOR_MAX_PROMPTS"),
     "fit_steps": ("max_steps", "ABLITERATOR_MAX_STEPS"),
+    "max_examples": ("max_prompts", "ABLITERATOR_MAX_PROMPTS"),
 }
+# Unbounded by default (None: every prompt, every example): on the app they default to their cap, since a Hub
+# dataset may be huge and weight steering's steps grow with its examples.
+DEFAULT_TO_CAP = ("max_prompts", "max_examples")
 
 
 def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
@@ -102,9 +106,9 @@ def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
 
 
 def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """`options` checked against the caps; `max_prompts` defaults to its cap (a Hub dataset may be huge), and a
-    default above its cap (the search's 40 fit steps under ABLITERATOR_MAX_STEPS=20) is lowered to the cap."""
-    options = {"max_prompts": limits.max_prompts, **options}
+    """`options` checked against the caps; `DEFAULT_TO_CAP` default to their cap, and a default above its cap (the
+    search's 40 fit steps under ABLITERATOR_MAX_STEPS=20) is lowered to it."""
+    options = {**{key: int(getattr(limits, CAPPED[key][0])) for key in DEFAULT_TO_CAP}, **options}
     for key, (field, env) in CAPPED.items():
         value = options.get(key)
         if value is None:

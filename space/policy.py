@@ -37,9 +37,9 @@ ALLOWED_EXTRA: tuple[str, ...] = tuple(sorted({
     # automatic search (not `study`: a file path)
     "trials", "target", "search_max_kl", "search_seed", "search_method", "allow_mlp_off", "search_per_layer",
     "start_from_default", "test_fraction", "finalists", "wide_prompts", "fit_steps", "confirm_prompts",
-    # tuning and steering (not `epochs`: unbounded work; `max_steps` is capped)
+    # tuning and steering (not `epochs`: unbounded work; `max_steps` and `max_examples` are capped)
     "loss", "beta", "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "max_steps", "warmup", "scheduler",
-    "data_split",
+    "data_split", "max_examples",
     # loading (not trust_remote_code, device_map, load_in_4bit)
     "revision", "dtype", "gguf_file",
 }))

@@ -128,6 +128,14 @@ def test_defaults_above_a_cap_are_lowered_to_it(monkeypatch):
     search = build_config(SearchConfig, options)
     assert search.fit_steps == defaults.fit_steps - 10 and search.confirm_prompts == defaults.confirm_prompts - 8
     assert build_config(DirectionsConfig, options).select_tokens == 12 < DirectionsConfig().select_tokens
+    # Training data is bounded too: weight steering's steps grow with its examples.
+    _, options = handlers.build_options(_settings(method="steer", steer_positive="demo-refusals",
+                                                  steer_negative="demo-answers", steer_k=-1))
+    assert options["max_examples"] == defaults.confirm_prompts - 8
+    with pytest.raises(UserError, match=r"max_examples = 100 .*ABLITERATOR_MAX_PROMPTS"):
+        handlers.build_options(_settings(method="steer", steer_positive="demo-refusals",
+                                         steer_negative="demo-answers", steer_k=-1,
+                                         extra_options='{"max_examples": 100}'))
     # --wide-prompts turns the fit and the confirm prompts off: nothing is filled in that would clash with it.
     _, options = handlers.build_options(_settings(mode="search", trials=5, extra_options='{"wide_prompts": 8}'))
     search = build_config(SearchConfig, options)

@@ -114,6 +114,25 @@ def test_monitoring_cosine_is_higher_for_a_fine_tune_on_positive_like_data(steer
     assert json.loads(table.read_text())["overall"] == pytest.approx(like_report["overall"])
 
 
+def test_max_examples_bounds_each_set_and_the_steps_that_grow_with_it():
+    """Without --max-steps the steps follow the data (one epoch): --max-examples bounds both, which is how the app
+    keeps a visitor's huge Hub dataset from training for hours."""
+    from pipeline.tuning.pairs import load_training_data
+    from pipeline.tuning.steer import build_vector
+
+    sizes = [len(load_training_data(name, "sft").examples) for name in ("demo-refusals", "demo-answers")]
+    assert min(sizes) > 3
+    said: list[str] = []
+    cfg = SteerConfig(max_examples=3, epochs=12, batch_size=1, learning_rate=1e-3, max_length=96)
+    assert cfg.tune_config().min_steps < 36 < 12 * min(sizes)  # 12 epochs of 3 examples, one a step
+    w = build_vector("demo", "demo-refusals", "demo-answers", cfg, progress=said.append)
+    assert "fine-tuning on the positive set (3 examples)" in said
+    assert "fine-tuning on the negative set (3 examples)" in said
+    steps = [line for line in said if line.startswith("step ")]
+    assert steps and all(line.split(":")[0].endswith(" of 36") for line in steps), steps
+    assert sum(float(t.float().norm()) for t in w.values()) > 0
+
+
 POS_NEG = ["--positive", "demo-refusals", "--negative", "demo-answers"]
 
 
@@ -130,6 +149,7 @@ POS_NEG = ["--positive", "demo-refusals", "--negative", "demo-answers"]
          "missing column 'completion'"),
         (["--monitor", "demo", "--base", "demo"], "--monitor needs --vector"),
         (["demo", "--k", "1"], "steer needs MODEL and --out"),
+        (["demo", *POS_NEG, "--k", "1", "--max-examples", "0", "--out", "OUT"], "--max-examples"),
     ],
 )
 def test_bad_input(tmp_path, capsys, argv, needle):

@@ -59,7 +59,6 @@ def _tune_parser(sub) -> None:
                    "dpo, prompt/completion for sft), a Hub dataset, or a built-in set (demo-pairs, "
                    "demo-refusals, demo-answers).")
     p.add_argument("--data-split", default="train", help="Split of a Hub dataset (default: train).")
-    p.add_argument("--max-examples", type=int, help="Use at most this many training examples.")
     p.add_argument("--out", required=True, type=Path, help="Output folder (written atomically).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
     p.add_argument("--eval-base", help="Evaluate against this model (default: the tuned model without adapter).")
@@ -73,13 +72,11 @@ def cmd_tune(args) -> int:
     from pipeline.tuning.tune import TuneConfig, tune
 
     cfg = config_from_args(TuneConfig, args)
-    if args.max_examples is not None and args.max_examples < 1:
-        raise UserError(f"--max-examples must be at least 1 (got {args.max_examples})")
     prompts, eval_cfg = _eval_configs(args, cfg.seed)
     summary = tune(
         args.model, args.data, args.out, cfg, load=config_from_args(LoadConfig, args), prompts_cfg=prompts,
         eval_cfg=eval_cfg, evaluate=not args.no_eval, eval_base=args.eval_base, overwrite=args.overwrite,
-        data_split=args.data_split, max_examples=args.max_examples,
+        data_split=args.data_split,
         recipe_extra={"command": _command("tune")}, progress=print,
     )
     if summary is not None:

@@ -64,6 +64,8 @@ class SteerConfig(BaseModel):
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over each data set (paper: about one).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps per fine-tune; overrides --epochs.")
+    max_examples: int | None = Field(
+        None, ge=1, description="Use at most this many examples of each data set (the first ones); default: all.")
     batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
     grad_accum: int = Field(1, ge=1, description="Forward passes accumulated per optimizer step.")
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (prompt + completion).")
@@ -153,8 +155,8 @@ def build_vector(
     from pipeline.tuning.pairs import load_training_data
     from pipeline.tuning.tune import train_adapter
 
-    pos = load_training_data(positive, "sft", split=cfg.data_split)
-    neg = load_training_data(negative, "sft", split=cfg.data_split)
+    pos = load_training_data(positive, "sft", split=cfg.data_split, limit=cfg.max_examples)
+    neg = load_training_data(negative, "sft", split=cfg.data_split, limit=cfg.max_examples)
     if _same_data(pos, neg):
         raise UserError("the positive and negative sets are identical: w = θ₊ − θ₋ would be 0; give data that "
                         "shows the behaviour (--positive) and data that does not (--negative)")

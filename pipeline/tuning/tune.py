@@ -74,6 +74,8 @@ class TuneConfig(BaseModel):
                                  "fine-tuning would use ~100x less).")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when --max-steps is given).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides --epochs and --min-steps.")
+    max_examples: int | None = Field(
+        None, ge=1, description="Use at most this many examples of the data set (the first ones); default: all.")
     min_steps: int = Field(30, ge=1, description="With --epochs, train at least this many optimizer steps: a few "
                            "dozen pairs make one or two steps an epoch, too few to move a model.")
     batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
@@ -323,7 +325,7 @@ def tune(
     model_id: str, data: str | TrainingData, out: Path, cfg: TuneConfig = TuneConfig(),
     load: LoadConfig = LoadConfig(), prompts_cfg: PromptsConfig | None = None, eval_cfg=None,
     evaluate: bool = True, eval_base: str | None = None, overwrite: bool = False, data_split: str = "train",
-    max_examples: int | None = None, recipe_extra: dict | None = None, extra_files: dict[str, Path] | None = None,
+    recipe_extra: dict | None = None, extra_files: dict[str, Path] | None = None,
     progress: Progress | None = None,
 ) -> dict | None:
     """Train and write one tuned model; returns a summary on the main process, None on the others."""
@@ -332,7 +334,7 @@ def tune(
     if cfg.method == "distill":
         raise UserError("--method distill heals an abliterated model against its base: use abliterate --heal")
     if isinstance(data, str):
-        data = load_training_data(data, cfg.method, split=data_split, limit=max_examples)
+        data = load_training_data(data, cfg.method, split=data_split, limit=cfg.max_examples)
     if evaluate:
         check_eval_inputs(eval_base or model_id, prompts_cfg, eval_cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
