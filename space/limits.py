@@ -108,7 +108,8 @@ def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
 def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """`options` checked against the caps; `DEFAULT_TO_CAP` default to their cap, and a default above its cap (the
     search's 40 fit steps under ABLITERATOR_MAX_STEPS=20) is lowered to it."""
-    options = {**{key: int(getattr(limits, CAPPED[key][0])) for key in DEFAULT_TO_CAP}, **options}
+    options = {**options, **{key: int(getattr(limits, CAPPED[key][0])) for key in DEFAULT_TO_CAP
+                             if options.get(key) is None}}  # an explicit null is no way around the cap
     for key, (field, env) in CAPPED.items():
         value = options.get(key)
         if value is None:

@@ -128,6 +128,9 @@ def test_defaults_above_a_cap_are_lowered_to_it(monkeypatch):
     search = build_config(SearchConfig, options)
     assert search.fit_steps == defaults.fit_steps - 10 and search.confirm_prompts == defaults.confirm_prompts - 8
     assert build_config(DirectionsConfig, options).select_tokens == 12 < DirectionsConfig().select_tokens
+    # An explicit null is the default, not "unbounded".
+    _, options = handlers.build_options(_settings(extra_options='{"max_prompts": null, "max_examples": null}'))
+    assert options["max_prompts"] == options["max_examples"] == defaults.confirm_prompts - 8
     # Training data is bounded too: weight steering's steps grow with its examples.
     _, options = handlers.build_options(_settings(method="steer", steer_positive="demo-refusals",
                                                   steer_negative="demo-answers", steer_k=-1))
