@@ -83,20 +83,22 @@ CAPPED = {
 DEFAULT_TO_CAP = ("max_prompts", "max_examples")
 
 
+def _cap(limits: Limits, key: str) -> int:
+    return int(getattr(limits, CAPPED[key][0]))
+
+
 def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
     """The value each capped key not in `options` will take: its stage config's default as `options` resolve it
     (with --wide-prompts, the search's fit_steps and confirm_prompts default to 0)."""
-    import importlib
-
     from pipeline.configs import build_config
-    from pipeline.orchestrator.options import STAGE_CONFIGS
+    from pipeline.orchestrator.options import stage_config_classes
 
     missing = [key for key in CAPPED if options.get(key) is None]
     found: dict[str, float] = {}
-    for module, name in STAGE_CONFIGS:
+    for cls in stage_config_classes():
         try:
-            cfg = build_config(getattr(importlib.import_module(module), name), options)
-        except Exception:  # noqa: BLE001 - an optional stage not installed, or a bad value its stage reports
+            cfg = build_config(cls, options)
+        except UserError:  # a bad value: its stage reports it when the job starts
             continue
         for key in missing:
             value = getattr(cfg, key, None)
@@ -108,7 +110,7 @@ def resolved_defaults(options: dict[str, Any]) -> dict[str, float]:
 def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """`options` checked against the caps; `DEFAULT_TO_CAP` default to their cap, and a default above its cap (the
     search's 40 fit steps under ABLITERATOR_MAX_STEPS=20) is lowered to it."""
-    options = {**options, **{key: int(getattr(limits, CAPPED[key][0])) for key in DEFAULT_TO_CAP
+    options = {**options, **{key: _cap(limits, key) for key in DEFAULT_TO_CAP
                              if options.get(key) is None}}  # an explicit null is no way around the cap
     for key, (field, env) in CAPPED.items():
         value = options.get(key)
@@ -121,7 +123,7 @@ def apply_limits(options: dict[str, Any], limits: Limits) -> dict[str, Any]:
         cap = getattr(limits, field)
         if number > cap:
             raise UserError(f"{key} = {value} is above this app's limit of {cap} ({env})")
-    lowered = {key: int(getattr(limits, CAPPED[key][0])) for key, default in resolved_defaults(options).items()
+    lowered = {key: _cap(limits, key) for key, default in resolved_defaults(options).items()
                if default > getattr(limits, CAPPED[key][0])}
     for key, cap in lowered.items():
         log.info("%s defaults above this app's limit: using %d (%s)", key, cap, CAPPED[key][1])

@@ -39,17 +39,25 @@ def _fields(cls: Any, prefix: str = "") -> list[str]:
     return names
 
 
+def stage_config_classes() -> list[Any]:
+    """The stage config classes of `STAGE_CONFIGS` that are installed (an optional stage, tuning, may not be)."""
+    import importlib
+
+    classes = []
+    for module, name in STAGE_CONFIGS:
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            continue
+    return classes
+
+
 @cache
 def valid_option_keys() -> tuple[str, ...]:
     """Every key an options dict may hold (underscore spelling; dashes are accepted too)."""
-    import importlib
-
     keys = set(RUN_KEYS)
-    for module, name in STAGE_CONFIGS:
-        try:
-            keys.update(_fields(getattr(importlib.import_module(module), name)))
-        except ImportError:  # an optional stage (tuning) not installed: its keys are not valid here
-            continue
+    for cls in stage_config_classes():
+        keys.update(_fields(cls))
     return tuple(sorted(keys))
 
 
